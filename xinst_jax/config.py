@@ -6,8 +6,10 @@ and the file (or `--set`) it came from; the entry point turns it into exit code 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,26 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A user-facing configuration problem (exit code 2)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: `1e-5` is a float (PyYAML's 1.1 rules read it as a string) and only
+    true/false are booleans (so `no`, `on`, `yes` stay strings: Norwegian is `no`)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 # --------------------------------------------------------------------------- schema
@@ -72,13 +94,94 @@ class ExportConfig:
     tokenizer_dir: str = ""  # tokenizer files copied into the export when set
 
 
+def _default_rules() -> list[list[Any]]:
+    # MaxText style: logical axis name -> mesh axes, first match wins; a mesh axis is used at
+    # most once per array. `batch` spans data and fsdp so fsdp also splits the batch.
+    return [["batch", ["data", "fsdp"]], ["vocab", "tensor"], ["embed", "fsdp"], ["mlp", "tensor"],
+            ["heads", "tensor"], ["kv_heads", "tensor"], ["head_dim", None], ["layers", None],
+            ["norm", None], ["length", None]]
+
+
+@dataclass
+class MeshConfig:
+    """Mesh axis sizes within a slice (ICI) plus the cross-slice data axis (DCN); -1 fills."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1  # slices of a multi-slice pod; multiplies the data axis
+    rules: list[list[Any]] = field(default_factory=_default_rules)
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process setup. On TPU VMs everything is auto-detected; elsewhere set these or the
+    environment variables XINST_COORDINATOR, XINST_NUM_PROCESSES, XINST_PROCESS_ID."""
+
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    num_cpu_devices: int = 0  # >0: fake this many CPU devices per process (tests, demos)
+    initialization_timeout: int = 300
+    heartbeat_timeout: int = 100  # seconds before a dead peer makes the others exit
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global rows per optimizer step (all micro-batches together)
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step, scanned
+    learning_rate: float = 3e-4
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    weight_decay_exclude: list[str] = field(default_factory=lambda: ["norm", "bias"])  # path substrings
+    clip_grad_norm: float = 1.0  # <= 0 disables
+    z_loss: float = 0.0
+    log_every: int = 10
+    init_from: str = ""  # a Hugging Face Llama directory to start from (else random init)
+    export_at_end: bool = False  # write <run_dir>/hf after the last step
+    profile_steps: int = 0  # >0: trace this many steps after the first log into <run_dir>/profile
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: <run_dir>/checkpoints (may be gs://)
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True
+
+
+@dataclass
+class SyntheticDataConfig:
+    min_doc_len: int = 8
+    max_doc_len: int = 64
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic"] = "synthetic"
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
 @dataclass
 class Config:
-    job: str = "demo"
+    job: str = "train"
     name: str = ""  # the config's name; filled from the file name
     run_dir: str = ""  # empty: runs/<name>
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def resolved_run_dir(self) -> Path:
@@ -88,18 +191,24 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def _merge(dst: dict, src: dict, origin: dict, source: str, prefix: str = "") -> None:
-    """Deep-merge `src` into `dst`, recording for each dotted key which file set it."""
+def _merge(dst: dict, src: dict, origin: dict, source: str | dict, prefix: str = "") -> None:
+    """Deep-merge `src` into `dst`, recording for each dotted key which file set it.
+
+    `source` is the file name (or `--set`), or a dotted key -> file map (a base file's own
+    origins, so that errors in a base name that base and not "")."""
+    def src_of(dotted: str) -> str:
+        return source.get(dotted, "?") if isinstance(source, dict) else source
+
     for key, value in src.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
             _merge(dst[key], value, origin, source, dotted + ".")
         else:
-            dst[key] = value
-            origin[dotted] = source
+            dst[key] = copy.deepcopy(value)  # never alias a preset's or another file's dicts
+            origin[dotted] = src_of(dotted)
             if isinstance(value, dict):
                 for sub in _dotted_keys(value, dotted + "."):
-                    origin[sub] = source
+                    origin[sub] = src_of(sub)
 
 
 def _dotted_keys(d: dict, prefix: str) -> list[str]:
@@ -114,8 +223,12 @@ def _dotted_keys(d: dict, prefix: str) -> list[str]:
 def resolve_config_path(name: str) -> Path:
     """`demo` -> configs/demo.yaml; an existing path is taken as it is."""
     candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
-        return candidate
+    if candidate.suffix in (".yaml", ".yml"):
+        if candidate.exists():
+            return candidate
+        if (CONFIG_DIR / name).exists():
+            return CONFIG_DIR / name
+        raise ConfigError(f"config file not found: {name}")
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.exists():
         known = ", ".join(available_configs())
@@ -129,13 +242,14 @@ def available_configs() -> list[str]:
 
 def _read_yaml(path: Path, origin: dict, chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML config and, first, the files named by its `base:` key (path relative to it)."""
+    path = Path(os.path.abspath(path))  # `a/../b.yaml` and `b.yaml` are one file for cycle checks
     if path in chain:
         raise ConfigError(f"{path.name}: `base:` forms a cycle through {' -> '.join(p.name for p in chain)}")
     if not path.exists():
         where = f" (named by `base:` in {chain[-1].name})" if chain else ""
         raise ConfigError(f"config file not found: {path}{where}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -143,9 +257,14 @@ def _read_yaml(path: Path, origin: dict, chain: tuple[Path, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("base", None) or []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path.name}: base: expected a file name or a list of file names, got {bases!r}")
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        _merge(merged, _read_yaml(path.parent / base, origin, chain + (path,)), origin, "")
+    for base in bases:
+        base_origin: dict[str, str] = {}
+        base_data = _read_yaml(path.parent / base, base_origin, chain + (path,))
+        _merge(merged, base_data, origin, base_origin)
     _merge(merged, data, origin, path.name)
     return merged
 
@@ -155,7 +274,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set model.num_layers=4")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -190,11 +309,16 @@ def _apply_model_preset(raw: dict, origin: dict) -> None:
     from xinst_jax.model.presets import PRESETS
 
     name = model["preset"]
+    if not isinstance(name, str):
+        return  # from_dict reports the wrong type
     if name not in PRESETS:
         src = origin.get("model.preset", "?")
         raise ConfigError(f"{src}: model.preset: unknown preset '{name}' (known: {', '.join(sorted(PRESETS))})")
     merged: dict = {}
-    _merge(merged, PRESETS[name], {}, "")
+    preset_origin: dict[str, str] = {}
+    _merge(merged, PRESETS[name], preset_origin, f"model.preset={name}", "model.")
+    for key, src in preset_origin.items():
+        origin.setdefault(key, src)  # explicit keys keep their file
     _merge(merged, model, {}, "")
     raw["model"] = merged
 
@@ -208,6 +332,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", str(tp))
 
 

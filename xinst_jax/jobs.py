@@ -12,7 +12,7 @@ JobFn = Callable[[Config], None]
 # job name -> (module that registers it, one-line description). Modules import lazily so that
 # `--help` and config errors answer before jax/tensorflow load.
 JOB_MODULES: dict[str, tuple[str, str]] = {
-    "demo": ("xinst_jax.jobs_demo", "tiny model on CPU end to end, ending with a Hugging Face export"),
+    "train": ("xinst_jax.train.loop", "train a model (revgen or sft), sharded over the mesh, auto-resuming"),
     "export_hf": ("xinst_jax.convert.export_job", "write params as a Hugging Face Llama directory"),
 }
 

@@ -1,0 +1,143 @@
+"""Orbax checkpoints: one step dir holds the train state, every process's data-iterator state and
+the resolved config. Async saves, keep-K, auto-resume from the latest step that restores,
+restoring onto any mesh (arrays come back with the shardings the caller asks for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import args as ocp_args
+
+from xinst_jax.config import CheckpointConfig, ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                       "mlp_dim", "tie_embeddings")
+
+
+class ProcessLocalJsonHandler(ocp.JsonCheckpointHandler):
+    """Every process writes its own `process_<i>.json` (iterator states differ per host, as in T5X)."""
+
+    def __init__(self):
+        super().__init__(filename="process_0.json")
+
+    async def _save_fn(self, x, directory):
+        (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(x))
+
+    def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Mapping[str, Any]:
+        path = directory / f"process_{jax.process_index()}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found")
+        state = json.loads(path.read_text())
+        saved = state.get("process_count", 1)
+        if saved != jax.process_count():
+            raise ConfigError(f"{directory}: data-iterator state was saved by {saved} processes; restoring with "
+                              f"{jax.process_count()} would repeat or drop examples. Resume with {saved} "
+                              "processes, or start the data afresh (checkpoint.resume=false and import the params).")
+        return state
+
+
+@ocp_args.register_with_handler(ProcessLocalJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessLocalJsonSave(ocp_args.CheckpointArgs):
+    item: Mapping[str, Any]
+
+
+@ocp_args.register_with_handler(ProcessLocalJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessLocalJsonRestore(ocp_args.CheckpointArgs):
+    item: Optional[bytes] = None
+
+
+class Checkpointer:
+    """Thin policy layer over ocp.CheckpointManager."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ProcessLocalJsonHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = False) -> bool:
+        data_state = {**data_state, "process_count": jax.process_count()}
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ProcessLocalJsonSave(data_state),
+            config=ocp.args.JsonSave(config)), force=force)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+        """Restore the newest step that restores cleanly; a broken newer step is removed with a
+        warning (a kill mid-write or a corrupt file must not block the run)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ProcessLocalJsonRestore(),
+                    config=ocp.args.JsonRestore()))
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
+                log.warning("checkpoint step %d in %s does not restore (%s: %s); using the previous one",
+                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                if jax.process_index() == 0:
+                    self.manager.delete(step)
+                continue
+            return step, restored["state"], dict(restored["data"]), dict(restored["config"])
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_same_architecture(saved_config: dict, model_cfg: ModelConfig, where: str) -> None:
+    saved_model = saved_config.get("model", {})
+    for name in ARCHITECTURE_FIELDS:
+        if name in saved_model and saved_model[name] != getattr(model_cfg, name):
+            raise ConfigError(f"{where}: model.{name} is {saved_model[name]} in the checkpoint but "
+                              f"{getattr(model_cfg, name)} in this run's config")
+
+
+def resolve_step_dir(path: str | Path) -> epath.Path:
+    """A step dir (has `state/`), or a checkpoints root whose latest step is taken."""
+    path = epath.Path(path)
+    if (path / "state").exists():
+        return path
+    if not path.exists():
+        raise ConfigError(f"export.checkpoint: {path} does not exist")
+    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").exists()))
+    if not steps:
+        raise ConfigError(f"export.checkpoint: {path} holds no checkpoint step")
+    return path / str(steps[-1])
+
+
+def load_params_for_export(path: str | Path, model_cfg: ModelConfig) -> Any:
+    """Only the params of a checkpoint (optimizer state is never read), as host-backed arrays."""
+    step_dir = resolve_step_dir(path)
+    config_file = step_dir / "config" / "metadata"
+    if config_file.exists():
+        check_same_architecture(json.loads(config_file.read_text()), model_cfg, str(step_dir))
+    from xinst_jax.model.llama import param_shapes
+
+    target = {"params": param_shapes(model_cfg)}
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        step_dir / "state", args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                        partial_restore=True))
+    return restored["params"]

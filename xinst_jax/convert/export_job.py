@@ -1,0 +1,120 @@
+"""Job `export_hf`: write params as a Hugging Face Llama directory (`configs/export_hf.yaml`).
+
+    python launch/tpu_run.py --config export_hf --set export.checkpoint=runs/demo/checkpoints/100
+
+Where the params come from, first match wins:
+
+1. `export.checkpoint`: a trainer checkpoint step directory, restored by
+   `xinst_jax.checkpoint.load_params_for_export` with the run's `model` config.
+2. `export.hf_source`: a Hugging Face Llama directory, re-exported (to another dtype, other shard
+   sizes, with a tokenizer added). Its architecture comes from `model`, and import_hf refuses a
+   checkpoint that disagrees, naming the field. One exception: when `model` is left entirely at the
+   schema defaults (`model.preset` null and no architecture key set, e.g. `--set model.preset=null`
+   on top of base.yaml's preset), the checkpoint's config.json supplies the architecture, and the
+   run's compute settings (dtype, param_dtype, scan_layers, remat) are kept. A set architecture is
+   never silently replaced: a run config that says 7B must not export whatever the directory holds.
+3. Otherwise: fresh random params from `seed` (`init_params(model, PRNGKey(seed))`), e.g. to get
+   a loadable HF directory for a new architecture.
+
+The output goes to `export.out`, or `<run_dir>/hf`. Export streams tensor by tensor, so the host
+holds at most one tensor beyond the params themselves (see convert/hf.py). Single process: on a
+multi-host pod, export from a checkpoint on one host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+from xinst_jax.config import Config, ConfigError, ModelConfig
+from xinst_jax.jobs import register_job
+
+# ModelConfig fields that describe the weights (the rest are ours to choose at run time).
+ARCHITECTURE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                       "mlp_dim", "rope_theta", "rope_scaling", "norm_eps", "tie_embeddings", "max_seq_len",
+                       "bos_token_id", "eos_token_id", "pad_token_id")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
+
+
+def _existing_dir(key: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "not found"
+        raise ConfigError(f"{key}: directory {value} {what}")
+    return path
+
+
+def _architecture_is_default(model: ModelConfig) -> bool:
+    default = ModelConfig()
+    return model.preset is None and all(getattr(model, f) == getattr(default, f) for f in ARCHITECTURE_FIELDS)
+
+
+def load_export_params(cfg: Config):
+    """(model config, params, a short description of the source) for `cfg.export`."""
+    export = cfg.export
+    if export.checkpoint:
+        path = _existing_dir("export.checkpoint", export.checkpoint)
+        try:
+            from xinst_jax.checkpoint import load_params_for_export
+        except ModuleNotFoundError as e:
+            if e.name not in ("xinst_jax.checkpoint",):
+                raise
+            raise ConfigError("export.checkpoint: this install has no checkpoint support "
+                              "(module xinst_jax.checkpoint is missing)") from None
+        return cfg.model, load_params_for_export(str(path), cfg.model), f"checkpoint {path}"
+    if export.hf_source:
+        from xinst_jax.convert.hf import import_hf, load_hf_config
+
+        path = _existing_dir("export.hf_source", export.hf_source)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"export.hf_source: {path} has no config.json (not a Hugging Face model directory)")
+        model = cfg.model
+        if _architecture_is_default(model):
+            hf_model = load_hf_config(path)
+            model = dataclasses.replace(hf_model, **{f: getattr(cfg.model, f) for f in COMPUTE_FIELDS})
+        try:
+            model, params = import_hf(path, model)
+        except ConfigError as e:
+            raise ConfigError(f"export.hf_source: {e} (set model.preset or model.* to the checkpoint's "
+                              f"architecture, or model.preset=null to take it from config.json)") from None
+        return model, params, f"hf {path}"
+    import jax
+
+    from xinst_jax.model.llama import init_params
+
+    params = jax.jit(functools.partial(init_params, cfg.model))(jax.random.PRNGKey(cfg.seed))
+    jax.block_until_ready(params)
+    return cfg.model, params, f"fresh init (seed {cfg.seed})"
+
+
+def export_out_dir(cfg: Config) -> Path:
+    return Path(cfg.export.out) if cfg.export.out else cfg.resolved_run_dir() / "hf"
+
+
+@register_job("export_hf")
+def export_hf_job(cfg: Config) -> None:
+    from xinst_jax.convert.hf import export_hf, iter_hf_names
+
+    export = cfg.export
+    if export.max_shard_bytes <= 0:
+        raise ConfigError(f"export.max_shard_bytes: must be > 0, got {export.max_shard_bytes}")
+    if export.tokenizer_dir:
+        _existing_dir("export.tokenizer_dir", export.tokenizer_dir)
+    out = export_out_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export.out: {out} exists and is not a directory")
+
+    start = time.perf_counter()
+    model, params, source = load_export_params(cfg)
+    loaded = time.perf_counter()
+    export_hf(params, model, out, dtype=export.dtype, max_shard_bytes=export.max_shard_bytes,
+              tokenizer_dir=export.tokenizer_dir or None)
+    done = time.perf_counter()
+
+    shards = sorted(out.glob("model*.safetensors"))
+    nbytes = sum(f.stat().st_size for f in shards)
+    n_tensors = sum(1 for _ in iter_hf_names(model))
+    print(f"export_hf: wrote {out}: {n_tensors} tensors in {len(shards)} shard(s), {nbytes / 1e6:.1f} MB "
+          f"{export.dtype}, from {source}; load {loaded - start:.1f}s, write {done - loaded:.1f}s", flush=True)

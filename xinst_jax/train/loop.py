@@ -1,0 +1,252 @@
+"""The training loop: sharded state, auto-resume, async checkpoints, preemption, metrics."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from xinst_jax.checkpoint import Checkpointer, check_same_architecture
+from xinst_jax.config import Config, ConfigError, to_dict
+from xinst_jax.data.batch import BatchSource
+from xinst_jax.jobs import register_job
+from xinst_jax.model.llama import count_params, logical_axes, param_shapes
+from xinst_jax.runtime import setup_runtime
+from xinst_jax.sharding import (batch_sharding, make_mesh, parse_rules, replicated, state_shardings_like_params,
+                                tree_shardings)
+from xinst_jax.train.flops import peak_flops_per_device, training_flops_per_step
+from xinst_jax.train.metrics import MetricsLogger
+from xinst_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from xinst_jax.train.step import init_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    state: Any
+    history: list[dict]
+    preempted: bool = False
+
+
+class PreemptionWatcher:
+    """SIGTERM (how TPU VMs are preempted) or jax's preemption sync point -> save and stop.
+
+    Across hosts the decision is all-gathered so every process saves the same step together.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        stop = self.requested
+        try:
+            stop = stop or multihost_utils.reached_preemption_sync_point(step)
+        except Exception:  # noqa: BLE001 - no preemption service (single process, CPU)
+            pass
+        if jax.process_count() > 1:
+            stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
+        return stop
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def validate_batch(cfg: Config, data_parallel: int) -> int:
+    """Rows this host contributes per step; clear errors before anything compiles."""
+    t = cfg.train
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    micro = t.batch_size // t.grad_accum
+    if micro % data_parallel:
+        raise ConfigError(f"train.batch_size/grad_accum={micro} rows cannot be split over the {data_parallel} "
+                          "data-parallel shards (mesh data x fsdp)")
+    if t.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {jax.process_count()} processes")
+    return t.batch_size // jax.process_count()
+
+
+def make_source(cfg: Config, rows: int) -> BatchSource:
+    if cfg.data.source == "synthetic":
+        from xinst_jax.data.synthetic import SyntheticSource
+
+        return SyntheticSource(cfg.data.synthetic, cfg.model.vocab_size, rows, cfg.train.seq_len, cfg.seed,
+                               jax.process_index())
+    raise ConfigError(f"data.source: unknown source '{cfg.data.source}'")
+
+
+def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train `cfg.train.steps` steps (resuming when a checkpoint exists). `stop_after` ends the run
+    early after that many steps of this invocation (tests)."""
+    setup_runtime(cfg.distributed)
+    mesh = make_mesh(cfg.mesh)
+    rules = parse_rules(cfg.mesh.rules)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = validate_batch(cfg, data_parallel)
+    run_dir = cfg.resolved_run_dir()
+
+    optimizer = make_optimizer(cfg.train)
+    schedule = learning_rate_schedule(cfg.train)
+    rng = jax.random.key(cfg.seed)
+    abstract = jax.eval_shape(functools.partial(init_state, cfg.model, optimizer), rng)
+    param_sh = tree_shardings(logical_axes(cfg.model), param_shapes(cfg.model), rules, mesh)
+    state_sh = {"step": replicated(mesh), "params": param_sh,
+                "opt_state": state_shardings_like_params(abstract["opt_state"], param_sh, mesh),
+                "rng": replicated(mesh)}
+    batch_sh = batch_sharding(mesh, rules)
+
+    source = source or make_source(cfg, rows)
+    checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint)
+    restored = None
+    if cfg.checkpoint.resume:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+        restored = checkpointer.restore_latest(target)
+    if restored is not None:
+        start_step, state, data_state, saved_config = restored
+        check_same_architecture(saved_config, cfg.model, str(checkpointer.directory / str(start_step)))
+        source.set_state(data_state)
+        log.info("resumed from step %d", start_step)
+    else:
+        start_step = 0
+        state = jax.jit(functools.partial(init_state, cfg.model, optimizer), out_shardings=state_sh)(rng)
+        if cfg.train.init_from:
+            state = _load_pretrained(cfg, state, param_sh, optimizer, state_sh)
+
+    step_fn = jax.jit(make_train_step(cfg.model, cfg.train, optimizer, schedule),
+                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
+                      donate_argnums=0)
+    flops_per_step = training_flops_per_step(cfg.model, cfg.train.batch_size, cfg.train.seq_len)
+    peak, peak_source = peak_flops_per_device()
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    logger = MetricsLogger(run_dir, cfg.train.steps, start_step)
+    logger.write(f"model {count_params(cfg.model) / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
+                 f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} process(es) | "
+                 f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+    config_dict = to_dict(cfg)
+    watcher = PreemptionWatcher()
+    history: list[dict] = []
+    pending: tuple[int, Any] | None = None
+    last_time = time.perf_counter()
+    last_saved = start_step
+    preempted = False
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start_step + stop_after)
+
+    def finish_step(step: int, device_metrics: Any) -> None:
+        nonlocal last_time
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if not math.isfinite(metrics["loss"]) or not math.isfinite(metrics["grad_norm"]):
+            raise TrainingDiverged(f"non-finite loss ({metrics['loss']}) or grad norm ({metrics['grad_norm']}) "
+                                   f"at step {step}; last good checkpoint is step {last_saved} in "
+                                   f"{checkpointer.directory}")
+        now = time.perf_counter()
+        step_time, last_time = now - last_time, now
+        metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
+                       real_tokens_per_s=metrics["real_tokens"] / step_time,
+                       mfu=flops_per_step / step_time / (peak * jax.device_count()))
+        history.append({"step": step, **metrics})
+        logger.log(step, metrics)
+        logger.advance()
+
+    try:
+        for step in range(start_step, end):
+            if watcher.should_stop(step):
+                if pending is not None:
+                    finish_step(*pending)
+                    pending = None
+                checkpointer.save(step, state, source.get_state(), config_dict, force=True)
+                checkpointer.wait()
+                logger.write(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
+                preempted = True
+                break
+            _maybe_profile(cfg, run_dir, step, start_step)
+            local = next(source)
+            batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+            state, metrics = step_fn(state, batch)
+            if pending is not None:  # one step behind: the host never stalls the device queue
+                finish_step(*pending)
+            pending = (step + 1, metrics)
+            done = step + 1
+            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
+                finish_step(*pending)  # never checkpoint a step whose loss was not checked
+                pending = None
+                checkpointer.save(done, state, source.get_state(), config_dict, force=True)
+                last_saved = done
+        if pending is not None:
+            finish_step(*pending)
+    except TrainingDiverged as e:
+        logger.write(f"error: {e}")
+        checkpointer.close()
+        logger.close()
+        watcher.close()
+        raise
+    checkpointer.close()
+    logger.close()
+    watcher.close()
+    final_step = int(jax.device_get(state["step"]))
+    if cfg.train.export_at_end and not preempted and final_step == cfg.train.steps:
+        from xinst_jax.convert.hf import export_hf
+
+        out = export_hf(state["params"], cfg.model, cfg.export.out or run_dir / "hf", dtype=cfg.export.dtype,
+                        max_shard_bytes=cfg.export.max_shard_bytes, tokenizer_dir=cfg.export.tokenizer_dir or None)
+        logger.write(f"exported Hugging Face model to {out}")
+    return TrainResult(final_step, state, history, preempted)
+
+
+def _load_pretrained(cfg: Config, state: dict, param_sh: Any, optimizer, state_sh: dict) -> dict:
+    """Start from Hugging Face weights: params replaced, optimizer state re-initialised for them."""
+    from xinst_jax.convert.hf import import_hf
+
+    if not Path(cfg.train.init_from).is_dir():
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} is not a directory")
+    _, params = import_hf(cfg.train.init_from, cfg.model, shardings=param_sh)
+    opt_state = jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params)
+    return {**state, "params": params, "opt_state": opt_state}
+
+
+_profiling = False
+
+
+def _maybe_profile(cfg: Config, run_dir: Path, step: int, start_step: int) -> None:
+    """Trace `train.profile_steps` steps after two warm-up steps into <run_dir>/profile."""
+    global _profiling
+    n = cfg.train.profile_steps
+    if n <= 0 or jax.process_index() != 0:
+        return
+    if step == start_step + 2:
+        jax.profiler.start_trace(str(run_dir / "profile"))
+        _profiling = True
+    elif _profiling and step == start_step + 2 + n:
+        jax.profiler.stop_trace()
+        _profiling = False
+
+
+@register_job("train")
+def train_job(cfg: Config) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_training(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}", flush=True)

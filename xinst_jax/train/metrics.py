@@ -1,0 +1,63 @@
+"""Per-step metrics: metrics.jsonl, TensorBoard events and a progress bar, on process 0 only."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int):
+        self.enabled = jax.process_index() == 0
+        self._bar = None
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # TensorBoard events are optional; metrics.jsonl is always written
+            self._tb = None
+        import sys
+
+        # Redraw at most every 10 s into logs (no TTY), live on a terminal.
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train",
+                         mininterval=0.1 if sys.stderr.isatty() else 10.0)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", mfu=f"{metrics.get('mfu', 0):.1%}")
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def write(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message)
+        elif self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
