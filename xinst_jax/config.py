@@ -110,6 +110,7 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     dcn_data: int = 1  # slices of a multi-slice pod; multiplies the data axis
+    num_devices: int = 0  # 0: all devices; >0: the first N (tests, partial hosts)
     rules: list[list[Any]] = field(default_factory=_default_rules)
 
 

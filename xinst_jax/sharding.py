@@ -43,6 +43,11 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
+    if mesh_cfg.num_devices > len(devices):
+        raise ConfigError(f"mesh.num_devices={mesh_cfg.num_devices} but only {len(devices)} devices exist "
+                          f"({devices[0].platform}, {jax.process_count()} process(es))")
+    if mesh_cfg.num_devices > 0:
+        devices = devices[:mesh_cfg.num_devices]
     shape = mesh_shape(mesh_cfg, len(devices))
     if mesh_cfg.dcn_data > 1 and hasattr(devices[0], "slice_index"):
         from jax.experimental import mesh_utils

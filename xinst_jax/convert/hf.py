@@ -239,9 +239,14 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_
 
 
 def _fetch(params: Params, m: TensorMap) -> np.ndarray:
-    """One tensor to host memory: only the slice for its layer leaves the device."""
+    """One tensor to host memory: only the slice for its layer leaves the device. Arrays spread
+    over several hosts are all-gathered, so every process must call this in the same order."""
     leaf = _get(params, m.path)
     value = leaf[m.layer] if m.layer is not None else leaf
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return m.to_hf(np.asarray(multihost_utils.process_allgather(value, tiled=True)))
     return m.to_hf(np.asarray(jax.device_get(value)))
 
 
@@ -259,6 +264,10 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str 
         hf_shape = m.to_hf(np.empty(shape, np.bool_)).shape  # shape only: a zero-cost dry run
         entries.append((name, tuple(hf_shape), np_dtype))
     shards = plan_shards(entries, max_shard_bytes)
+    if jax.process_index() != 0:  # take part in the gathers; process 0 writes
+        for name, _, _ in entries:
+            _fetch(params, maps[name])
+        return out
     for old in out.glob("model*.safetensors*"):
         old.unlink()
     weight_map = {}

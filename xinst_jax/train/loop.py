@@ -90,7 +90,7 @@ def make_source(cfg: Config, rows: int) -> BatchSource:
         from xinst_jax.data.synthetic import SyntheticSource
 
         return SyntheticSource(cfg.data.synthetic, cfg.model.vocab_size, rows, cfg.train.seq_len, cfg.seed,
-                               jax.process_index())
+                               jax.process_index(), jax.process_count())
     raise ConfigError(f"data.source: unknown source '{cfg.data.source}'")
 
 
