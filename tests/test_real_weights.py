@@ -94,8 +94,10 @@ def test_logits_match_transformers(smol, batch, our_logits):
         worst = max(worst, diff)
         print(f"[real] {name:8s} {len(v):3d} tokens: max|d|={diff:.2e} (max|logit|={np.abs(ref).max():.1f})")
         assert diff <= TOL, f"{name}: max |d| {diff:.3e} > {TOL}"
-        # Same next-token prediction everywhere.
-        np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+        # Same next-token prediction wherever the reference's top two are not a near-tie.
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 10 * TOL
+        np.testing.assert_array_equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
     print(f"[real] worst max|d| over prompts: {worst:.2e}")
 
 
