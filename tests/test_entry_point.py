@@ -182,12 +182,17 @@ def test_export_from_hf_source_resharded_bf16(exported, tmp_path):
     from safetensors.numpy import load_file
     import ml_dtypes
 
-    a = load_file(str(src / "model.safetensors"))
-    for name, shard in index["weight_map"].items():
-        b = load_file(str(out / shard))[name]
-        assert b.dtype == ml_dtypes.bfloat16 or str(b.dtype) == "bfloat16", b.dtype
-        np.testing.assert_array_equal(b, a[name].astype(ml_dtypes.bfloat16))
-        break
+    original = load_file(str(src / "model.safetensors"))
+    resharded = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(out / shard))
+        assert all(index["weight_map"][name] == shard for name in tensors)
+        resharded.update(tensors)
+    assert sorted(resharded) == sorted(original) == sorted(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in resharded.values())
+    for name, tensor in resharded.items():
+        assert tensor.dtype == ml_dtypes.bfloat16, (name, tensor.dtype)
+        np.testing.assert_array_equal(tensor, original[name].astype(ml_dtypes.bfloat16), err_msg=name)
 
     # architecture taken from config.json when `model` is at the schema defaults
     out2 = tmp_path / "from_config_json"
@@ -215,3 +220,33 @@ def test_export_missing_directory(tmp_path, key):
     proc = run("--config", "export_hf", "--set", f"{key}={missing}", "--set", f"run_dir={tmp_path / 'run'}",
                cwd=tmp_path)
     assert_one_line_error(proc, key, str(missing), "not found")
+
+
+def test_export_from_trainer_checkpoint(tmp_path):
+    """export.checkpoint wins over a fresh init: the exported weights are the checkpoint's."""
+    import dataclasses
+
+    import jax
+
+    from xinst_jax.checkpoint import Checkpointer
+    from xinst_jax.config import CheckpointConfig
+    from xinst_jax.model.llama import init_params
+
+    cfg = load_config("export_hf")
+    params = init_params(cfg.model, jax.random.PRNGKey(123))
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(async_save=False))
+    ckpt.save(7, {"params": params}, {}, dataclasses.asdict(cfg), force=True)
+    ckpt.close()
+
+    out = tmp_path / "hf"
+    proc = run("--config", "export_hf", "--set", f"export.checkpoint={tmp_path / 'ckpt'}", "--set",
+               f"export.out={out}", "--set", "export.dtype=float32", "--set", f"run_dir={tmp_path / 'run'}",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint" in proc.stdout
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], np.asarray(params["embed"]["embedding"]))
+    w_down = np.asarray(params["layers"]["mlp"]["w_down"][1])
+    np.testing.assert_array_equal(tensors["model.layers.1.mlp.down_proj.weight"], w_down.T)

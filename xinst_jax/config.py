@@ -165,10 +165,42 @@ class SyntheticDataConfig:
     max_doc_len: int = 64
 
 
+LANGUAGES = ["bn", "fi", "hi", "id", "sw", "ta", "th", "tr", "ur", "vi"]  # the paper's ten
+
+
+@dataclass
+class DataInputConfig:
+    """One input of the prepare job: a file glob (local or gs://) or a TFDS dataset."""
+
+    path: str = ""  # glob of .jsonl / .jsonl.gz / .parquet files
+    tfds_name: str = ""  # instead of path: a TFDS dataset name (and split)
+    split: str = "train"
+    lang: str = ""  # fills records without a `lang` field
+    field_map: dict[str, str] = field(default_factory=dict)  # record field -> source field
+
+
 @dataclass
 class DataConfig:
-    source: Literal["synthetic"] = "synthetic"
+    source: Literal["synthetic", "tfrecord"] = "synthetic"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # prepare: records -> template -> tokens -> TFRecord shards + manifest.json
+    inputs: list[DataInputConfig] = field(default_factory=list)
+    template: Literal["revgen", "sft", "evaluator"] = "sft"
+    tokenizer: str = ""  # SentencePiece .model, HF tokenizer.json, or a directory holding one
+    prepared_dir: str = ""  # empty: <run_dir>/data
+    num_shards: int = 8
+    num_workers: int = 0  # 0: one per core
+    languages: list[str] = field(default_factory=lambda: list(LANGUAGES) + ["en"])
+    max_chars: int = 20000  # longer text fields are skipped (counted)
+    strict: bool = False  # any bad record is an error naming file:line:field
+    # pipeline: shards -> per-host split -> shuffle -> language mix -> pack -> batch
+    mixing: Literal["temperature", "weights"] = "temperature"
+    temperature: float = 1.0  # 1: proportional to example counts; large: uniform
+    weights: dict[str, float] = field(default_factory=dict)  # lang -> weight when mixing=weights
+    shuffle_buffer: int = 10000
+    pack_pool: int = 64  # open rows the packer chooses among
+    overlong: Literal["truncate", "split"] = "truncate"
+    prefetch: int = 2
 
 
 @dataclass

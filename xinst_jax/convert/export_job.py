@@ -55,7 +55,8 @@ def load_export_params(cfg: Config):
     """(model config, params, a short description of the source) for `cfg.export`."""
     export = cfg.export
     if export.checkpoint:
-        path = _existing_dir("export.checkpoint", export.checkpoint)
+        remote = "://" in export.checkpoint  # gs:// and the like: the checkpoint module checks those
+        path = export.checkpoint if remote else _existing_dir("export.checkpoint", export.checkpoint)
         try:
             from xinst_jax.checkpoint import load_params_for_export
         except ModuleNotFoundError as e:
