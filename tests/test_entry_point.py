@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -179,8 +180,8 @@ def test_export_from_hf_source_resharded_bf16(exported, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert f"hf {src}" in proc.stdout
 
-    from safetensors.numpy import load_file
     import ml_dtypes
+    from safetensors.numpy import load_file
 
     original = load_file(str(src / "model.safetensors"))
     resharded = {}
@@ -224,8 +225,6 @@ def test_export_missing_directory(tmp_path, key):
 
 def test_export_from_trainer_checkpoint(tmp_path):
     """export.checkpoint wins over a fresh init: the exported weights are the checkpoint's."""
-    import dataclasses
-
     import jax
 
     from xinst_jax.checkpoint import Checkpointer
@@ -244,7 +243,7 @@ def test_export_from_trainer_checkpoint(tmp_path):
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "checkpoint" in proc.stdout
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file  # noqa: E402
 
     tensors = load_file(str(out / "model.safetensors"))
     np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], np.asarray(params["embed"]["embedding"]))

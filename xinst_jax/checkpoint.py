@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import args as ocp_args
@@ -136,7 +137,9 @@ def load_params_for_export(path: str | Path, model_cfg: ModelConfig) -> Any:
     from xinst_jax.model.llama import param_shapes
 
     target = {"params": param_shapes(model_cfg)}
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype), target)
+    # numpy, not jax.Arrays: the saved shardings name the training run's devices, which the
+    # exporting process (fewer devices, another host) need not have.
+    restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
     restored = ocp.PyTreeCheckpointer().restore(
         step_dir / "state", args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                         partial_restore=True))

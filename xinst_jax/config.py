@@ -177,6 +177,7 @@ class DataInputConfig:
     split: str = "train"
     lang: str = ""  # fills records without a `lang` field
     field_map: dict[str, str] = field(default_factory=dict)  # record field -> source field
+    tfds_data_dir: str = ""  # TFDS data_dir (empty: the TFDS default)
 
 
 @dataclass
@@ -193,6 +194,12 @@ class DataConfig:
     languages: list[str] = field(default_factory=lambda: list(LANGUAGES) + ["en"])
     max_chars: int = 20000  # longer text fields are skipped (counted)
     strict: bool = False  # any bad record is an error naming file:line:field
+    split: str = "train"  # prepare: shard names <prepared_dir>/<split>-00000-of-000NN.tfrecord
+    sft_assistant_style: bool = False  # sft: "Answer in {Language} and the style of an AI assistant."
+    # train_tokenizer: SentencePiece BPE with byte fallback on the text fields of `inputs`
+    tokenizer_vocab_size: int = 4096
+    tokenizer_character_coverage: float = 0.9995
+    tokenizer_max_sentences: int = 2000000  # sampled for training (0: all)
     # pipeline: shards -> per-host split -> shuffle -> language mix -> pack -> batch
     mixing: Literal["temperature", "weights"] = "temperature"
     temperature: float = 1.0  # 1: proportional to example counts; large: uniform
@@ -201,6 +208,8 @@ class DataConfig:
     pack_pool: int = 64  # open rows the packer chooses among
     overlong: Literal["truncate", "split"] = "truncate"
     prefetch: int = 2
+    num_epochs: int = 0  # 0: every language repeats forever (training); n: stop after n passes
+    mix_log_every: int = 100  # log the realised language mix every this many batches (0: never)
 
 
 @dataclass

@@ -274,7 +274,7 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str 
     total = 0
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_streaming(out / fname, shard, lambda name: _fetch(params, maps[name]).astype(np_dtype))
+        total += write_streaming(out / fname, shard, lambda name: _fetch(params, maps[name]))
         weight_map.update({name: fname for name, _, _ in shard})
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

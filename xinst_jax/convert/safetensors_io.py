@@ -74,7 +74,7 @@ def write_streaming(path: str | Path, entries: Iterable[tuple[str, tuple[int, ..
             array = np.ascontiguousarray(produce(name), dtype=dtype)
             if array.shape != tuple(shape):
                 raise ValueError(f"{name}: produced shape {array.shape}, planned {tuple(shape)}")
-            f.write(memoryview(array.reshape(-1)).cast("B"))
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))  # bytes view: works for bfloat16 too
             del array
     return offset
 
