@@ -206,6 +206,7 @@ class DataConfig:
     weights: dict[str, float] = field(default_factory=dict)  # lang -> weight when mixing=weights
     shuffle_buffer: int = 10000
     pack_pool: int = 64  # open rows the packer chooses among
+    pack_window: int = 512  # examples the packer sorts longest-first and places together (best-fit decreasing)
     overlong: Literal["truncate", "split"] = "truncate"
     prefetch: int = 2
     num_epochs: int = 0  # 0: every language repeats forever (training); n: stop after n passes

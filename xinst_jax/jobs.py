@@ -14,6 +14,9 @@ JobFn = Callable[[Config], None]
 JOB_MODULES: dict[str, tuple[str, str]] = {
     "train": ("xinst_jax.train.loop", "train a model (revgen or sft), sharded over the mesh, auto-resuming"),
     "export_hf": ("xinst_jax.convert.export_job", "write params as a Hugging Face Llama directory"),
+    "train_tokenizer": ("xinst_jax.data.train_tokenizer",
+                        "train a SentencePiece BPE (byte fallback) on data.inputs; HF files beside it"),
+    "prepare": ("xinst_jax.data.prepare", "tokenise data.inputs with a template into TFRecord shards + manifest"),
 }
 
 _REGISTRY: dict[str, JobFn] = {}

@@ -9,10 +9,13 @@
     tok.prefix_ids, tok.suffix_ids   # the special ids encode() adds around a text, e.g. (bos,), ()
 
 BOS/EOS: `encode(text)` adds exactly what transformers (5.x) adds when it loads the same files:
-`tokenizer_config.json` beside the tokenizer file decides when it sets `add_bos_token` or
-`add_eos_token` (a missing one of the two is False); otherwise a tokenizer.json's own
-post-processor decides, and a bare SentencePiece `.model` gets no special tokens (transformers 5
-behaviour; our `train_tokenizer` job writes `add_bos_token: true`). Templates
+for a tokenizer.json its post-processor decides (transformers drops the config's add_bos_token /
+add_eos_token when a tokenizer.json exists); for a SentencePiece `.model` the `add_bos_token` /
+`add_eos_token` of the `tokenizer_config.json` beside it decide, each False when absent -- so a
+bare `.model` gets no BOS, as in transformers 5 (our `train_tokenizer` writes a post-processor
+that adds BOS and `add_bos_token: true`). Token names (bos_token, eos_token, pad_token) come from
+tokenizer_config.json / special_tokens_map.json; a tokenizer.json without either file has its
+usual names looked up (<s>, </s>, <|endoftext|>, ...). Templates
 (`xinst_jax.data.templates`) build `prefix_ids + prompt + completion + [eos_id]`.
 
 Literal special-token strings inside a text (a record containing "</s>") are encoded as plain
@@ -96,13 +99,18 @@ class Tokenizer:
                 "pad_id": self.pad_id, "unk_id": self.unk_id, "prefix_ids": list(self.prefix_ids),
                 "suffix_ids": list(self.suffix_ids), "sha256": self.sha256()}
 
-    def _check_continuation(self) -> None:
+    def check_continuation(self) -> None:
+        """Raise unless decode(encode(a) + encode_continuation(b)) == a + b on probe strings
+        (templates call it once before joining prompt and completion)."""
+        if getattr(self, "_continuation_ok", False):
+            return
         for probe in _CONT_PROBES:
             head = "Response:"
             ids = self._encode_plain(head) + self.encode_continuation(probe)
             if self.decode(ids) != head + probe:
-                raise DataError(f"tokenizer {self.path}: cannot encode a continuation exactly "
-                                f"({head + probe!r} decodes as {self.decode(ids)!r}); unsupported pre-tokenizer")
+                raise DataError(f"tokenizer {self.path}: {head!r} + {probe!r} does not survive encode/decode "
+                                f"(decodes as {self.decode(ids)!r}); its pre-tokenizer or decoder is not supported")
+        self._continuation_ok = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
@@ -149,7 +157,6 @@ class SentencePieceTokenizer(Tokenizer):
         self.prefix_ids = (self.bos_id,) if cfg.get("add_bos_token", False) and self.bos_id is not None else ()
         self.suffix_ids = (self.eos_id,) if cfg.get("add_eos_token", False) and self.eos_id is not None else ()
         self._special = {i for i in range(self.vocab_size) if self._sp.is_control(i)}
-        self._check_continuation()
 
     def _encode_plain(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -179,7 +186,6 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, json_file: str, config: Optional[dict] = None):
         from tokenizers import Tokenizer as RustTokenizer
-        from tokenizers import processors
 
         self.path = json_file
         self.files = tuple(f for f in (json_file, _beside(json_file, CONFIG_FILE)) if _exists(f))
@@ -203,14 +209,8 @@ class HFTokenizer(Tokenizer):
         self.eos_id = special("eos_token", ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>"))
         self.unk_id = special("unk_token", ("<unk>",))
         self.pad_token_id = special("pad_token", ())
-        if "add_bos_token" in cfg or "add_eos_token" in cfg:  # transformers rebuilds the post-processor
-            add_bos = bool(cfg.get("add_bos_token")) and self.bos_id is not None
-            add_eos = bool(cfg.get("add_eos_token")) and self.eos_id is not None
-            bos, eos = _token_name(cfg.get("bos_token")), _token_name(cfg.get("eos_token"))
-            single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
-            pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else []))
-            specials = ([(bos, self.bos_id)] if add_bos else []) + ([(eos, self.eos_id)] if add_eos else [])
-            self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+        # transformers (5.x) ignores add_bos_token / add_eos_token when a tokenizer.json exists:
+        # its post-processor alone decides what encode() adds.
         self._tok.encode_special_tokens = True  # literal "</s>" in a text is text
         probe = "a"
         plain = self._tok.encode(probe, add_special_tokens=False).ids
@@ -224,7 +224,6 @@ class HFTokenizer(Tokenizer):
             cont_spec[key] = _without_prefix_space(cont_spec.get(key))
         self._cont = RustTokenizer.from_str(json.dumps(cont_spec))
         self._cont.encode_special_tokens = True
-        self._check_continuation()
 
     def _encode_plain(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
