@@ -6,7 +6,6 @@ nearly uniform and logits tiny) so a leak across segments changes logits by far 
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

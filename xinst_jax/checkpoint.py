@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 from orbax.checkpoint import args as ocp_args
 
@@ -82,8 +83,15 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
         """Restore the newest step that restores cleanly; a broken newer step is removed with a
-        warning (a kill mid-write or a corrupt file must not block the run)."""
+        warning (a kill mid-write or a corrupt file must not block the run). A step whose saved
+        tree or shapes differ from `abstract_state` is a config change, not corruption: that raises
+        ConfigError and deletes nothing."""
         for step in sorted(self.manager.all_steps(), reverse=True):
+            mismatch = self._mismatch(step, abstract_state)
+            if mismatch is not None:
+                raise ConfigError(f"checkpoint step {step} in {self.directory} was written by another model or "
+                                  f"optimizer config ({mismatch}); resume with the config it was saved with, or "
+                                  "use a fresh checkpoint.dir / run_dir (or checkpoint.resume=false)")
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ProcessLocalJsonRestore(),
@@ -91,12 +99,45 @@ class Checkpointer:
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
-                log.warning("checkpoint step %d in %s does not restore (%s: %s); using the previous one",
-                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                aside = self.directory / f"{step}.unrestorable"
+                log.warning("checkpoint step %d in %s does not restore (%s: %s); moved aside to %s, using the "
+                            "previous one", step, self.directory, type(e).__name__,
+                            str(e).splitlines()[0][:200], aside.name)
+                # Moved, not deleted: a transient storage error must not destroy a good checkpoint.
                 if jax.process_index() == 0:
-                    self.manager.delete(step)
+                    if aside.exists():
+                        aside.rmtree()
+                    (self.directory / str(step)).rename(aside)
+                multihost_utils.sync_global_devices(f"checkpoint-aside-{step}")
+                self.manager.reload()
                 continue
             return step, restored["state"], dict(restored["data"]), dict(restored["config"])
+        return None
+
+    def _mismatch(self, step: int, abstract_state: Any) -> str | None:
+        """How the state saved at `step` differs in entries or shapes from `abstract_state`, or None
+        (also when its metadata cannot be read: restoring then fails and the step counts as broken)."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - unreadable metadata: let the restore attempt decide
+            return None
+        if saved is None:
+            return None
+
+        def flat(tree: Any) -> dict[str, Any]:
+            return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+        want, have = flat(abstract_state), flat(saved)
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        if missing or extra:
+            return (f"not in the checkpoint: {', '.join(missing[:3]) or '-'}; only in the checkpoint: "
+                    f"{', '.join(extra[:3]) or '-'}")
+        for name, leaf in want.items():
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                continue  # keys are stored as their raw uint32 data
+            saved_shape = tuple(getattr(have[name], "shape", ()) or ())
+            if saved_shape != tuple(leaf.shape):
+                return f"{name} has shape {saved_shape} in the checkpoint, {tuple(leaf.shape)} in this run"
         return None
 
     def wait(self) -> None:
@@ -105,6 +146,20 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _path_name(path: Any) -> str:
+    """`opt_state/1/0/mu/embed/embedding`: dict keys, sequence indices and named-tuple fields alike
+    (orbax metadata turns named tuples into dicts)."""
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+        else:
+            parts.append(str(p))
+    return "/".join(parts)
 
 
 def check_same_architecture(saved_config: dict, model_cfg: ModelConfig, where: str) -> None:

@@ -20,6 +20,8 @@ Rules = list[tuple[str, tuple[str, ...]]]
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     """Resolve -1 entries; the product must equal the device count."""
+    if mesh_cfg.dcn_data < 1:
+        raise ConfigError(f"mesh.dcn_data: expected a slice count >= 1, got {mesh_cfg.dcn_data}")
     sizes = {"data": mesh_cfg.data * mesh_cfg.dcn_data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor}
     if mesh_cfg.data == -1:
         sizes["data"] = -1
@@ -34,6 +36,9 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
             raise ConfigError(f"mesh: fixed axes multiply to {known}, which does not divide the "
                               f"{num_devices} available devices")
         sizes[fill[0]] = num_devices // known
+    if sizes["data"] % mesh_cfg.dcn_data:
+        raise ConfigError(f"mesh: the data axis ({sizes['data']}) is not divisible by mesh.dcn_data={mesh_cfg.dcn_data} "
+                          "slices")
     product = math.prod(sizes.values())
     if product != num_devices:
         shape = "x".join(f"{k}={v}" for k, v in sizes.items())
@@ -43,6 +48,8 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
+    if mesh_cfg.num_devices < 0:
+        raise ConfigError(f"mesh.num_devices: expected 0 (all devices) or a positive count, got {mesh_cfg.num_devices}")
     if mesh_cfg.num_devices > len(devices):
         raise ConfigError(f"mesh.num_devices={mesh_cfg.num_devices} but only {len(devices)} devices exist "
                           f"({devices[0].platform}, {jax.process_count()} process(es))")
@@ -70,10 +77,14 @@ def parse_rules(raw: list[list[Any]]) -> Rules:
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
             raise ConfigError(f"mesh.rules[{i}]: expected [logical_name, mesh_axis | [mesh_axes] | null], got {item!r}")
         target = item[1]
+        if target is not None and not isinstance(target, (str, list, tuple)):
+            raise ConfigError(f"mesh.rules[{i}]: expected [logical_name, mesh_axis | [mesh_axes] | null], got {item!r}")
         axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         for axis in axes:
             if axis not in MESH_AXES:
                 raise ConfigError(f"mesh.rules[{i}]: unknown mesh axis '{axis}' (mesh axes: {', '.join(MESH_AXES)})")
+        if len(set(axes)) != len(axes):
+            raise ConfigError(f"mesh.rules[{i}]: mesh axis repeated in {item!r} (each mesh axis shards an array once)")
         rules.append((item[0], axes))
     return rules
 
