@@ -94,6 +94,37 @@ class ExportConfig:
     tokenizer_dir: str = ""  # tokenizer files copied into the export when set
 
 
+@dataclass
+class GenerateConfig:
+    """Job `generate` (xinst_jax/infer/job.py) and the inference engine. Sampling defaults are the
+    released X-Instruction settings. Input: JSONL, one object per line with `id` (string or int)
+    and either `prompt`, or `instruction` and/or `text` (joined by `join`)."""
+
+    input: str = ""  # JSONL of prompts; empty: configs/data/generate_demo_prompts.jsonl
+    output: str = ""  # output directory (shards, done-markers, output.jsonl, report.json); empty: <run_dir>/generate
+    checkpoint: str = ""  # trainer checkpoint (step dir or checkpoints root) to load params from
+    hf_dir: str = ""  # else a Hugging Face Llama directory (import_hf); neither: random init (a warning)
+    tokenizer: str = "bytes"  # "bytes" (UTF-8 bytes + 3; ids 0/1/2 = pad/bos/eos) or a tokenizer.json (or a dir with one)
+    join: str = "\n\n"  # between `instruction` and `text` when a record has both
+    add_bos: bool = True  # prepend model.bos_token_id to every prompt
+    max_new_tokens: int = 128
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 0.9  # 1.0: off
+    top_k: int = 50  # 0: off
+    no_repeat_ngram: int = 6  # 0: off
+    stop_on_eos: bool = True  # model.eos_token_id ends a row
+    stop_token_ids: list[int] = field(default_factory=list)  # more token ids that end a row
+    stop_strings: list[str] = field(default_factory=list)  # end a row when generated; cut from the text
+    batch_size: int = 8  # rows per decode batch (global over this process's mesh)
+    prompt_buckets: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # longer prompts lose their start
+    weight_dtype: Literal["", "float32", "bfloat16"] = ""  # "": as loaded (model.param_dtype)
+    kv_dtype: Literal["", "float32", "bfloat16"] = ""  # "": float32
+    seed: int = 0  # sampling seed; a record's sample depends only on (seed, its index in the input)
+    shard_size: int = 64  # records per output shard: the unit of resume
+    split: Literal["contiguous", "strided"] = "contiguous"  # shards per process: a contiguous range, or i::n
+    progress: bool = True  # tqdm progress bar on stderr
+
+
 def _default_rules() -> list[list[Any]]:
     # MaxText style: logical axis name -> mesh axes, first match wins; a mesh axis is used at
     # most once per array. `batch` spans data and fsdp so fsdp also splits the batch.
@@ -226,6 +257,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or os.path.join("runs", self.name or "default"))

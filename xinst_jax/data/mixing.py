@@ -7,9 +7,7 @@ normalised as given; a language without a weight (or with weight 0) is left out.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Mapping
 
 from xinst_jax.config import ConfigError
@@ -47,20 +45,13 @@ def mixing_probabilities(counts: Mapping[str, int], mixing: str, temperature: fl
     return {lang: w / total for lang, w in raw.items()}
 
 
-def read_language_counts(prepared_dir: str | Path) -> dict[str, int]:
-    """Per-language example counts from `<prepared_dir>/manifest.json`.
+def language_counts(manifest: dict, where: str) -> dict[str, int]:
+    """Per-language example counts of a prepared directory's manifest.json (`where` names it).
 
-    Accepted layouts: {"languages": {lang: n | {"examples": n, ...}}} (also under the keys
-    `lang_counts`, `counts`, `per_language`, `examples_per_lang`), or {"shards": [{"languages": ...}]}
-    whose shard counts are summed.
+    The prepare job writes {"languages": {lang: {"examples": n, ...}}}; {"languages": {lang: n}}
+    (also under `lang_counts`, `counts`, `per_language`, `examples_per_lang`) is accepted, and
+    so are per-shard counts {"shards": [{"languages": {lang: n}}, ...]}, which are summed.
     """
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.exists():
-        raise ConfigError(f"data.prepared_dir: {path} not found (run the prepare job first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from None
     counts = _counts_in(manifest)
     if counts is None and isinstance(manifest.get("shards"), list):
         summed: dict[str, int] = {}
@@ -73,7 +64,7 @@ def read_language_counts(prepared_dir: str | Path) -> dict[str, int]:
                 summed[lang] = summed.get(lang, 0) + n
         counts = summed or None
     if counts is None:
-        raise ConfigError(f"{path}: no per-language example counts (expected a 'languages' mapping "
+        raise ConfigError(f"{where}: no per-language example counts (expected a 'languages' mapping "
                           f"lang -> count; top-level keys are {', '.join(sorted(manifest)) or 'none'})")
     return counts
 
@@ -101,4 +92,4 @@ def format_mix(target: Mapping[str, float], realised: Mapping[str, Mapping[str, 
     """One log line: realised share of segments per language against its target probability."""
     total = sum(r["examples"] for r in realised.values()) or 1
     return " ".join(f"{lang} {100 * realised.get(lang, {}).get('examples', 0) / total:.1f}%"
-                    f"(target {100 * p:.1f}%)" for lang, p in target.items())
+                    f" (target {100 * p:.1f}%)" for lang, p in target.items())

@@ -6,10 +6,11 @@ same-length `loss_mask` (1 on the tokens that are trained). In a row it becomes 
 loss_mask[1:], positions 0.. and a segment id 1.. (0 is padding), so that attention (which
 never crosses segments) and the loss see every example exactly as if it were alone.
 
-`PoolPacker` is best-fit over a pool of open rows (as Levanter does first-fit): each segment goes
-into the open row whose free space is the smallest that still holds it; when none holds it and
-the pool is full, the fullest open row is closed. Next-fit (SeqIO's `trim_and_pack`, which closes
-the current row as soon as one example does not fit) is kept here only as the benchmark baseline.
+`PoolPacker` is best-fit decreasing over a window of examples into a pool of open rows (Levanter
+packs first-fit over a pool of open rows; sorting a lookahead window longest-first is what lets
+the short examples fill the holes the long ones leave): see its docstring. Next-fit (SeqIO's
+`trim_and_pack`, which closes the current row as soon as one example does not fit) is kept here
+only as the benchmark baseline.
 
 The packer is deterministic and its whole state (open rows, closed rows not yet handed out) is
 saved by `get_state` / restored by `set_state`, so a restored pipeline packs the same rows.
@@ -80,25 +81,44 @@ def fit_example(tokens: np.ndarray, loss_mask: np.ndarray, lang: int, seq_len: i
 
 
 class PoolPacker:
-    """Best-fit packing over at most `pool_size` open rows.
+    """Best-fit-decreasing packing of windows of segments into a pool of open rows.
 
-    `add(segment)` places one segment (length <= seq_len); rows that are closed (full, or evicted
-    as the fullest row of a full pool) queue up in order and `pop_rows(k)` hands them out.
-    `flush()` closes every open row (end of data).
+    `add_window(segments)` takes the segments of a window of consecutive examples, longest first
+    (ties in arrival order), and puts each into the open row whose free space is the smallest
+    that still holds it, opening a row when none does. Then the pool is trimmed back to
+    `pool_size` open rows by closing the fullest ones; the emptiest rows stay open for the short
+    segments of later windows. Rows closed in a window are shuffled (seeded by the window's
+    number, so packing stays a pure function of the segment stream) so that a batch does not
+    hold only the long-example rows of a window, then queue up for `pop_rows`. `flush()`
+    closes every open row (end of data). A window of one segment is online best-fit.
     """
 
-    def __init__(self, seq_len: int, pool_size: int):
+    def __init__(self, seq_len: int, pool_size: int, seed: int | None = None):
         if seq_len < 1 or pool_size < 1:
             raise ValueError(f"packing needs seq_len >= 1 and pool_size >= 1, got {seq_len}, {pool_size}")
-        self.seq_len, self.pool_size = seq_len, pool_size
+        self.seq_len, self.pool_size, self.seed = seq_len, pool_size, seed
         # Open rows sorted by (free space, creation number): bisect finds the best fit, the
         # first entry is the fullest row, ties go to the older row.
         self._keys: list[tuple[int, int]] = []
         self._rows: dict[int, list[Segment]] = {}
         self._next_id = 0
+        self.windows = 0
         self.ready: deque[list[Segment]] = deque()
 
-    def add(self, seg: Segment) -> None:
+    def add_window(self, segments: Sequence[Segment]) -> None:
+        closed: list[list[Segment]] = []
+        for seg in sorted(segments, key=lambda s: -s.length):  # stable: ties keep arrival order
+            self._place(seg, closed)
+        while len(self._keys) > self.pool_size:
+            _, rid = self._keys.pop(0)
+            closed.append(self._rows.pop(rid))
+        if self.seed is not None and len(closed) > 1:
+            order = np.random.default_rng([self.seed, self.windows]).permutation(len(closed))
+            closed = [closed[i] for i in order]
+        self.ready.extend(closed)
+        self.windows += 1
+
+    def _place(self, seg: Segment, closed: list[list[Segment]]) -> None:
         n = seg.length
         if not 1 <= n <= self.seq_len:
             raise ValueError(f"segment of {n} positions does not fit rows of {self.seq_len}")
@@ -106,22 +126,18 @@ class PoolPacker:
         if i < len(self._keys):
             free, rid = self._keys.pop(i)
         else:
-            if len(self._keys) >= self.pool_size:
-                _, evict = self._keys.pop(0)
-                self.ready.append(self._rows.pop(evict))
             free, rid = self.seq_len, self._next_id
             self._next_id += 1
             self._rows[rid] = []
         self._rows[rid].append(seg)
         free -= n
         if free == 0:
-            self.ready.append(self._rows.pop(rid))
+            closed.append(self._rows.pop(rid))
         else:
             bisect.insort(self._keys, (free, rid))
 
     def flush(self) -> None:
-        for _, rid in self._keys:
-            self.ready.append(self._rows.pop(rid))
+        self.ready.extend(self._rows.pop(rid) for _, rid in self._keys)
         self._keys.clear()
 
     @property
@@ -137,7 +153,7 @@ class PoolPacker:
         """JSON-able: the open rows (with their free space and ids) and the closed rows queued."""
         groups = [self._rows[rid] for _, rid in self._keys] + list(self.ready)
         return {"seq_len": self.seq_len, "pool_size": self.pool_size, "next_id": self._next_id,
-                "open_keys": [list(k) for k in self._keys], "num_ready": len(self.ready),
+                "windows": self.windows, "open_keys": [list(k) for k in self._keys], "num_ready": len(self.ready),
                 "segments": encode_rows(groups)}
 
     def set_state(self, state: dict) -> None:
@@ -152,6 +168,7 @@ class PoolPacker:
         self._rows = {rid: groups[j] for j, (_, rid) in enumerate(keys)}
         self.ready = deque(groups[len(keys):])
         self._next_id = int(state["next_id"])
+        self.windows = int(state["windows"])
 
 
 def encode_rows(rows: Sequence[Sequence[Segment]]) -> str:
@@ -203,17 +220,14 @@ def rows_to_batch(rows: Sequence[Sequence[Segment]], num_rows: int, seq_len: int
 # --------------------------------------------------------------------------- whole-list helpers
 
 
-def pack_pool(segments: Iterable[Segment], seq_len: int, pool_size: int) -> list[list[Segment]]:
-    """All rows our packer makes from `segments` (flushed at the end)."""
-    packer = PoolPacker(seq_len, pool_size)
-    rows: list[list[Segment]] = []
-    for seg in segments:
-        packer.add(seg)
-        rows.extend(packer.ready)
-        packer.ready.clear()
+def pack_pool(segments: Sequence[Segment], seq_len: int, pool_size: int, window: int = 1,
+              seed: int | None = None) -> list[list[Segment]]:
+    """All rows our packer makes from `segments` in windows of `window` (flushed at the end)."""
+    packer = PoolPacker(seq_len, pool_size, seed)
+    for start in range(0, len(segments), window):
+        packer.add_window(segments[start:start + window])
     packer.flush()
-    rows.extend(packer.ready)
-    return rows
+    return list(packer.ready)
 
 
 def pack_next_fit(segments: Iterable[Segment], seq_len: int) -> list[list[Segment]]:
