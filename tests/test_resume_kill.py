@@ -140,20 +140,38 @@ def check_final(run_dir: Path, baseline: dict) -> None:
                          load_params_for_export(baseline["run_dir"] / "checkpoints", model_cfg), "export params")
 
 
-def start_and_wait_for(run_dir: Path, env: dict, target: int, log_path: Path, **extra) -> subprocess.Popen:
-    """Start training and return once metrics.jsonl has reached `target` and a checkpoint is committed."""
+def in_flight(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.iterdir() if not p.name.isdigit()) if ckpt_dir.exists() else []
+
+
+def start_and_wait_for(run_dir: Path, env: dict, target: int, log_path: Path, mid_save: bool = False,
+                       **extra) -> subprocess.Popen:
+    """Start training; return once metrics.jsonl has reached `target` and a checkpoint is committed.
+    With `mid_save`, return after that with the process stopped (SIGSTOP) while an async save of a
+    later step is still being written."""
     log = open(log_path, "w")
     proc = subprocess.Popen(command(run_dir, **extra), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             text=True)
+    ckpt_dir = run_dir / "checkpoints"
     deadline = time.monotonic() + RUN_TIMEOUT
+    reached = False
     try:
         while True:
-            records = read_metrics(run_dir)
-            if records and records[-1]["step"] >= target and (
-                    extra.get("checkpoint.every", EVERY) > STEPS or finalized_steps(run_dir / "checkpoints")):
-                return proc
+            if not reached:
+                records = read_metrics(run_dir)
+                reached = bool(records and records[-1]["step"] >= target and (
+                    extra.get("checkpoint.every", EVERY) > STEPS or finalized_steps(ckpt_dir)))
+                if reached and not mid_save:
+                    return proc
+            elif in_flight(ckpt_dir):
+                proc.send_signal(signal.SIGSTOP)  # freeze every thread, then check the save is still open
+                time.sleep(0.05)
+                if in_flight(ckpt_dir):
+                    return proc
+                proc.send_signal(signal.SIGCONT)
             if proc.poll() is not None:
-                pytest.fail(f"training exited ({proc.returncode}) before step {target}:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"training exited ({proc.returncode}) before the kill point (step {target}"
+                            f"{', mid-save' if mid_save else ''}):\n{log_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 pytest.fail(f"training did not reach step {target} in {RUN_TIMEOUT}s")
             time.sleep(0.002)
@@ -165,27 +183,32 @@ def start_and_wait_for(run_dir: Path, env: dict, target: int, log_path: Path, **
         log.close()
 
 
-def test_kill9_then_rerun_is_bitwise_identical(tmp_path, env, baseline):
-    target = random.Random(SEED).randint(8, 30)
+@pytest.mark.parametrize("mid_save", [False, True], ids=["random-step", "mid-async-save"])
+def test_kill9_then_rerun_is_bitwise_identical(tmp_path, env, baseline, mid_save):
+    target = random.Random(SEED + 2 * mid_save).randint(8, 30 - EVERY * mid_save)
     run_dir = tmp_path / "run"
-    proc = start_and_wait_for(run_dir, env, target, tmp_path / "killed.log")
+    proc = start_and_wait_for(run_dir, env, target, tmp_path / "killed.log", mid_save=mid_save)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL, "the run finished before it could be killed"
 
     before = read_metrics(run_dir)
     killed_at = before[-1]["step"]
     committed = finalized_steps(run_dir / "checkpoints")
-    print(f"kill -9 aimed at step {target}: last logged step {killed_at}, committed checkpoints {committed}, "
-          f"in flight: {sorted(p.name for p in (run_dir / 'checkpoints').iterdir() if not p.name.isdigit())}")
+    leftovers = in_flight(run_dir / "checkpoints")
+    print(f"kill -9 aimed at step {target}{' (mid-save)' if mid_save else ''}: last logged step {killed_at}, "
+          f"committed checkpoints {committed}, in flight: {leftovers}")
     assert target <= killed_at < STEPS
     assert committed and max(committed) <= killed_at
+    if mid_save:
+        assert leftovers, "the kill should have interrupted an async save"
     assert_losses_match(before, baseline["metrics"], "killed run")
 
     rerun = run_to_end(run_dir, env)
     after = read_metrics(run_dir)[len(before):]
     resumed_from = after[0]["step"] - 1
     print(f"rerun resumed from step {resumed_from}: {rerun.stdout.strip().splitlines()[-1]}")
-    # It resumes from the newest committed checkpoint, and redoes only the steps after it.
+    # It resumes from the newest committed checkpoint (never a half-written one) and redoes only
+    # the steps after it.
     assert resumed_from == max(committed), (resumed_from, committed)
     assert [r["step"] for r in after] == list(range(resumed_from + 1, STEPS + 1))
     assert_losses_match(after, baseline["metrics"], "resumed run")
@@ -223,3 +246,43 @@ def test_sigterm_saves_and_rerun_is_bitwise_identical(tmp_path, env, baseline):
     assert [r["step"] for r in after] == list(range(stopped + 1, STEPS + 1))
     assert_losses_match(after, baseline["metrics"], "resumed run")
     check_final(run_dir, baseline)
+
+
+class SigtermAt:
+    """A batch source that sends this process SIGTERM while it hands out batch `index`."""
+
+    def __init__(self, source, index: int):
+        self.source, self.index = source, index
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.source.index == self.index:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.source)
+
+    def get_state(self):
+        return self.source.get_state()
+
+    def set_state(self, state):
+        self.source.set_state(state)
+
+
+def test_sigterm_right_after_a_periodic_checkpoint(tmp_path):
+    """SIGTERM during the step whose end writes a periodic checkpoint: the preemption save then
+    finds that step already saved, and must stop cleanly instead of failing to save it twice."""
+    from xinst_jax.data.synthetic import SyntheticSource
+    from xinst_jax.train.loop import run_training
+
+    # In this process: conftest's 8 CPU devices (fsdp=8).
+    cfg = load_config("demo", overrides(tmp_path / "run", **{"train.steps": 12, "distributed.num_cpu_devices": 0,
+                                                             "train.batch_size": 8, "train.seq_len": 32}))
+    source = SyntheticSource(cfg.data.synthetic, cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len,
+                             cfg.seed)
+    previous = signal.getsignal(signal.SIGTERM)
+    result = run_training(cfg, source=SigtermAt(source, index=2 * EVERY - 1))
+    assert signal.getsignal(signal.SIGTERM) == previous, "the trainer restores the SIGTERM handler"
+    assert result.preempted and result.final_step == 2 * EVERY
+    assert finalized_steps(tmp_path / "run" / "checkpoints") == [EVERY, 2 * EVERY]
+    assert [h["step"] for h in result.history] == list(range(1, 2 * EVERY + 1))

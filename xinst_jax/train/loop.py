@@ -147,6 +147,7 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
     pending: tuple[int, Any] | None = None
     last_time = time.perf_counter()
     last_saved = start_step
+    saved_at = start_step if restored is not None else None  # the newest step this run has a checkpoint of
     preempted = False
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start_step + stop_after)
 
@@ -172,7 +173,8 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
                 if pending is not None:
                     finish_step(*pending)
                     pending = None
-                checkpointer.save(step, state, source.get_state(), config_dict, force=True)
+                if step != saved_at:  # a periodic save (or the restore) may already hold this step
+                    checkpointer.save(step, state, source.get_state(), config_dict, force=True)
                 checkpointer.wait()
                 logger.write(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
                 preempted = True
@@ -189,18 +191,16 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
                 finish_step(*pending)  # never checkpoint a step whose loss was not checked
                 pending = None
                 checkpointer.save(done, state, source.get_state(), config_dict, force=True)
-                last_saved = done
+                last_saved = saved_at = done
         if pending is not None:
             finish_step(*pending)
     except TrainingDiverged as e:
         logger.write(f"error: {e}")
-        checkpointer.close()
-        logger.close()
-        watcher.close()
         raise
-    checkpointer.close()
-    logger.close()
-    watcher.close()
+    finally:  # any exit: restore the SIGTERM handler, finish in-flight saves, flush metrics
+        watcher.close()
+        logger.close()
+        checkpointer.close()
     final_step = int(jax.device_get(state["step"]))
     if cfg.train.export_at_end and not preempted and final_step == cfg.train.steps:
         from xinst_jax.convert.hf import export_hf
