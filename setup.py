@@ -20,7 +20,6 @@ setup(
         "sentencepiece>=0.2.0",
         "tqdm>=4.66",
         "psutil>=5.9",
-        "tensorboardX>=2.6",
     ],
     extras_require={
         # transformers 5 is PyTorch-only: the numerical reference in tests, never a trainer dependency.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -91,6 +92,10 @@ def make_source(cfg: Config, rows: int) -> BatchSource:
 
         return SyntheticSource(cfg.data.synthetic, cfg.model.vocab_size, rows, cfg.train.seq_len, cfg.seed,
                                jax.process_index(), jax.process_count())
+    if cfg.data.source == "tfrecord":
+        from xinst_jax.data.pipeline import make_pipeline_source
+
+        return make_pipeline_source(cfg, rows, jax.process_index(), jax.process_count())
     raise ConfigError(f"data.source: unknown source '{cfg.data.source}'")
 
 
@@ -127,9 +132,10 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
         log.info("resumed from step %d", start_step)
     else:
         start_step = 0
-        state = jax.jit(functools.partial(init_state, cfg.model, optimizer), out_shardings=state_sh)(rng)
         if cfg.train.init_from:
-            state = _load_pretrained(cfg, state, param_sh, optimizer, state_sh)
+            state = _load_pretrained(cfg, rng, optimizer, state_sh)
+        else:
+            state = jax.jit(functools.partial(init_state, cfg.model, optimizer), out_shardings=state_sh)(rng)
 
     step_fn = jax.jit(make_train_step(cfg.model, cfg.train, optimizer, schedule),
                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
@@ -205,21 +211,28 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
     if cfg.train.export_at_end and not preempted and final_step == cfg.train.steps:
         from xinst_jax.convert.hf import export_hf
 
+        # The export carries the tokenizer the data was prepared with unless another is named.
+        tokenizer = cfg.export.tokenizer_dir or cfg.data.tokenizer
+        tokenizer_dir = tokenizer if not tokenizer or os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
         out = export_hf(state["params"], cfg.model, cfg.export.out or run_dir / "hf", dtype=cfg.export.dtype,
-                        max_shard_bytes=cfg.export.max_shard_bytes, tokenizer_dir=cfg.export.tokenizer_dir or None)
+                        max_shard_bytes=cfg.export.max_shard_bytes, tokenizer_dir=tokenizer_dir or None)
         logger.write(f"exported Hugging Face model to {out}")
     return TrainResult(final_step, state, history, preempted)
 
 
-def _load_pretrained(cfg: Config, state: dict, param_sh: Any, optimizer, state_sh: dict) -> dict:
-    """Start from Hugging Face weights: params replaced, optimizer state re-initialised for them."""
+def _load_pretrained(cfg: Config, rng: jax.Array, optimizer, state_sh: dict) -> dict:
+    """Step-0 state from Hugging Face weights: each tensor is placed straight into its shard
+    layout (never a random init first), and the optimizer state is created for it."""
     from xinst_jax.convert.hf import import_hf
 
     if not Path(cfg.train.init_from).is_dir():
         raise ConfigError(f"train.init_from: {cfg.train.init_from} is not a directory")
-    _, params = import_hf(cfg.train.init_from, cfg.model, shardings=param_sh)
+    _, params = import_hf(cfg.train.init_from, cfg.model, shardings=state_sh["params"])
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params)
-    return {**state, "params": params, "opt_state": opt_state}
+    _, state_rng = jax.random.split(rng)  # the same split init_state makes
+    step = jax.device_put(np.zeros((), np.int32), state_sh["step"])
+    return {"step": step, "params": params, "opt_state": opt_state,
+            "rng": jax.device_put(state_rng, state_sh["rng"])}
 
 
 _profiling = False

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jax
 
+from xinst_jax.train.tb_events import EventWriter
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int):
@@ -21,12 +23,7 @@ class MetricsLogger:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a")
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:  # TensorBoard events are optional; metrics.jsonl is always written
-            self._tb = None
+        self._tb = EventWriter(run_dir / "tensorboard")
         import sys
 
         # Redraw at most every 10 s into logs (no TTY), live on a terminal.
@@ -39,9 +36,7 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **metrics}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, value, step)
+        self._tb.scalars(step, metrics)
         self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", mfu=f"{metrics.get('mfu', 0):.1%}")
 
     def advance(self, n: int = 1) -> None:
