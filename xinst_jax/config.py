@@ -113,6 +113,7 @@ class GenerateConfig:
     top_k: int = 50  # 0: off
     no_repeat_ngram: int = 6  # 0: off
     stop_on_eos: bool = True  # model.eos_token_id ends a row
+    min_new_tokens: int = 0  # the stop tokens are banned until this many tokens are generated
     stop_token_ids: list[int] = field(default_factory=list)  # more token ids that end a row
     stop_strings: list[str] = field(default_factory=list)  # end a row when generated; cut from the text
     batch_size: int = 8  # rows per decode batch (global over this process's mesh)
@@ -130,7 +131,12 @@ def _default_rules() -> list[list[Any]]:
     # most once per array. `batch` spans data and fsdp so fsdp also splits the batch.
     return [["batch", ["data", "fsdp"]], ["vocab", "tensor"], ["embed", "fsdp"], ["mlp", "tensor"],
             ["heads", "tensor"], ["kv_heads", "tensor"], ["head_dim", None], ["layers", None],
-            ["norm", None], ["length", None]]
+            ["norm", None], ["length", None],
+            # Activations: rows split like the batch, features only over tensor. Without these
+            # constraints GSPMD may follow the fsdp-sharded weights and replicate the batch.
+            ["activation_batch", ["data", "fsdp"]], ["activation_length", None], ["activation_embed", None],
+            ["activation_heads", "tensor"], ["activation_kv_heads", "tensor"], ["activation_mlp", "tensor"],
+            ["activation_vocab", "tensor"]]
 
 
 @dataclass

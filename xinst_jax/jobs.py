@@ -12,8 +12,11 @@ JobFn = Callable[[Config], None]
 # job name -> (module that registers it, one-line description). Modules import lazily so that
 # `--help` and config errors answer before jax/tensorflow load.
 JOB_MODULES: dict[str, tuple[str, str]] = {
+    "demo": ("xinst_jax.demo", "CPU demo: CLDR pairs in ten languages -> tokenizer -> prepare -> train -> HF export"),
+    "finetune": ("xinst_jax.finetune", "prepare data.inputs (resumable) then train and export: sft_xinst, revgen_xinst"),
     "train": ("xinst_jax.train.loop", "train a model (revgen or sft), sharded over the mesh, auto-resuming"),
     "export_hf": ("xinst_jax.convert.export_job", "write params as a Hugging Face Llama directory"),
+    "generate": ("xinst_jax.infer.job", "generate completions for a JSONL of prompts: sharded, resumable"),
     "train_tokenizer": ("xinst_jax.data.train_tokenizer",
                         "train a SentencePiece BPE (byte fallback) on data.inputs; HF files beside it"),
     "prepare": ("xinst_jax.data.prepare", "tokenise data.inputs with a template into TFRecord shards + manifest"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 from typing import Any, Sequence
@@ -155,3 +157,27 @@ def state_shardings_like_params(abstract_state: Any, param_shardings: Any, mesh:
 
 def _dict_keys(path) -> tuple:
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+# --------------------------------------------------------------------------- activations
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules):
+    """While tracing inside this context, `constrain` pins activations to the rules' layout."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical axis names; a no-op outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, x.shape, rules, mesh)))

@@ -29,8 +29,15 @@ import jax.numpy as jnp
 from xinst_jax.config import ModelConfig
 from xinst_jax.model.attention import gqa_attention, segment_causal_mask
 from xinst_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from xinst_jax.sharding import constrain
 
 Params = dict[str, Any]
+
+BTE = ("activation_batch", "activation_length", "activation_embed")
+BTHD = ("activation_batch", "activation_length", "activation_heads", None)
+BTKD = ("activation_batch", "activation_length", "activation_kv_heads", None)
+BTM = ("activation_batch", "activation_length", "activation_mlp")
+BTV = ("activation_batch", "activation_length", "activation_vocab")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -116,22 +123,22 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
 def attention_block(x, p, cos, sin, mask, dtype, kv_cache=None):
     """Returns (output, (k, v)). With `kv_cache=(k_cache, v_cache, start)` the new keys/values
     are written into the cache at slot `start` and attention runs over the whole cache."""
-    q = jnp.einsum("bte,ehd->bthd", x, p["wq"].astype(dtype))
-    k = jnp.einsum("bte,ekd->btkd", x, p["wk"].astype(dtype))
-    v = jnp.einsum("bte,ekd->btkd", x, p["wv"].astype(dtype))
+    q = constrain(jnp.einsum("bte,ehd->bthd", x, p["wq"].astype(dtype)), BTHD)
+    k = constrain(jnp.einsum("bte,ekd->btkd", x, p["wk"].astype(dtype)), BTKD)
+    v = constrain(jnp.einsum("bte,ekd->btkd", x, p["wv"].astype(dtype)), BTKD)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
         k_cache, v_cache, start = kv_cache
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
     out = gqa_attention(q, k.astype(dtype), v.astype(dtype), mask)
-    return jnp.einsum("bthd,hde->bte", out, p["wo"].astype(dtype)), (k, v)
+    return constrain(jnp.einsum("bthd,hde->bte", out, p["wo"].astype(dtype)), BTE), (k, v)
 
 
 def mlp_block(x, p, dtype):
-    gate = jnp.einsum("bte,em->btm", x, p["w_gate"].astype(dtype))
-    up = jnp.einsum("bte,em->btm", x, p["w_up"].astype(dtype))
-    return jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["w_down"].astype(dtype))
+    gate = constrain(jnp.einsum("bte,em->btm", x, p["w_gate"].astype(dtype)), BTM)
+    up = constrain(jnp.einsum("bte,em->btm", x, p["w_up"].astype(dtype)), BTM)
+    return constrain(jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["w_down"].astype(dtype)), BTE)
 
 
 def decoder_layer(h, layer, cos, sin, mask, cfg: ModelConfig, kv_cache=None):
@@ -175,7 +182,7 @@ def _decoder_stack(params: Params, h, cos, sin, mask, cfg: ModelConfig, cache=No
 
 
 def _embed(params: Params, tokens, cfg: ModelConfig):
-    return jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(DTYPES[cfg.dtype])
+    return constrain(jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(DTYPES[cfg.dtype]), BTE)
 
 
 def _logits(params: Params, h, cfg: ModelConfig):
@@ -185,7 +192,7 @@ def _logits(params: Params, h, cfg: ModelConfig):
         logits = jnp.einsum("bte,ve->btv", h, params["embed"]["embedding"].astype(dtype))
     else:
         logits = jnp.einsum("bte,ev->btv", h, params["lm_head"]["kernel"].astype(dtype))
-    return logits.astype(jnp.float32)
+    return constrain(logits.astype(jnp.float32), BTV)
 
 
 def forward(params: Params, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray,

@@ -23,8 +23,8 @@ from xinst_jax.data.batch import BatchSource
 from xinst_jax.jobs import register_job
 from xinst_jax.model.llama import count_params, logical_axes, param_shapes
 from xinst_jax.runtime import setup_runtime
-from xinst_jax.sharding import (batch_sharding, make_mesh, parse_rules, replicated, state_shardings_like_params,
-                                tree_shardings)
+from xinst_jax.sharding import (activation_sharding, batch_sharding, make_mesh, parse_rules, replicated,
+                                state_shardings_like_params, tree_shardings)
 from xinst_jax.train.flops import peak_flops_per_device, training_flops_per_step
 from xinst_jax.train.metrics import MetricsLogger
 from xinst_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -99,32 +99,58 @@ def make_source(cfg: Config, rows: int) -> BatchSource:
     raise ConfigError(f"data.source: unknown source '{cfg.data.source}'")
 
 
-def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int | None = None) -> TrainResult:
-    """Train `cfg.train.steps` steps (resuming when a checkpoint exists). `stop_after` ends the run
-    early after that many steps of this invocation (tests)."""
-    setup_runtime(cfg.distributed)
-    mesh = make_mesh(cfg.mesh)
-    rules = parse_rules(cfg.mesh.rules)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = validate_batch(cfg, data_parallel)
-    run_dir = cfg.resolved_run_dir()
+@dataclass
+class TrainProgram:
+    """Everything about a run that is fixed by the config and the mesh: shardings and the jitted
+    step. Built the same way for training and for ahead-of-time compilation (launch/aot_check.py)."""
 
+    mesh: Any
+    optimizer: Any
+    abstract_state: Any  # ShapeDtypeStructs carrying their shardings
+    state_sharding: Any
+    batch_sharding: Any
+    step_fn: Any
+    host_rows: int
+
+
+def build_train_program(cfg: Config, devices: list | None = None) -> TrainProgram:
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = parse_rules(cfg.mesh.rules)
+    rows = validate_batch(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
     optimizer = make_optimizer(cfg.train)
-    schedule = learning_rate_schedule(cfg.train)
-    rng = jax.random.key(cfg.seed)
-    abstract = jax.eval_shape(functools.partial(init_state, cfg.model, optimizer), rng)
+    abstract = jax.eval_shape(functools.partial(init_state, cfg.model, optimizer), jax.random.key(cfg.seed))
     param_sh = tree_shardings(logical_axes(cfg.model), param_shapes(cfg.model), rules, mesh)
     state_sh = {"step": replicated(mesh), "params": param_sh,
                 "opt_state": state_shardings_like_params(abstract["opt_state"], param_sh, mesh),
                 "rng": replicated(mesh)}
     batch_sh = batch_sharding(mesh, rules)
+    train_step = make_train_step(cfg.model, cfg.train, optimizer, learning_rate_schedule(cfg.train))
 
-    source = source or make_source(cfg, rows)
+    def sharded_step(state, batch):
+        with activation_sharding(mesh, rules):  # active while jit traces
+            return train_step(state, batch)
+
+    step_fn = jax.jit(sharded_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
+                      donate_argnums=0)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
+    return TrainProgram(mesh, optimizer, target, state_sh, batch_sh, step_fn, rows)
+
+
+def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train `cfg.train.steps` steps (resuming when a checkpoint exists). `stop_after` ends the run
+    early after that many steps of this invocation (tests)."""
+    setup_runtime(cfg.distributed)
+    program = build_train_program(cfg)
+    mesh, optimizer, state_sh, batch_sh = program.mesh, program.optimizer, program.state_sharding, \
+        program.batch_sharding
+    run_dir = cfg.resolved_run_dir()
+    rng = jax.random.key(cfg.seed)
+
+    source = source or make_source(cfg, program.host_rows)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint)
     restored = None
     if cfg.checkpoint.resume:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-        restored = checkpointer.restore_latest(target)
+        restored = checkpointer.restore_latest(program.abstract_state)
     if restored is not None:
         start_step, state, data_state, saved_config = restored
         check_same_architecture(saved_config, cfg.model, str(checkpointer.directory / str(start_step)))
@@ -137,9 +163,7 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
         else:
             state = jax.jit(functools.partial(init_state, cfg.model, optimizer), out_shardings=state_sh)(rng)
 
-    step_fn = jax.jit(make_train_step(cfg.model, cfg.train, optimizer, schedule),
-                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
-                      donate_argnums=0)
+    step_fn = program.step_fn
     flops_per_step = training_flops_per_step(cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     peak, peak_source = peak_flops_per_device()
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
