@@ -95,7 +95,7 @@ def time_train(preset: str, rows: int, seq_len: int, steps: int) -> float:
     from xinst_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from xinst_jax.train.step import init_state, make_train_step
 
-    cfg = load_config("demo", overrides=[f"model.preset={preset}", f"train.seq_len={seq_len}",
+    cfg = load_config("tiny_synthetic", overrides=[f"model.preset={preset}", f"train.seq_len={seq_len}",
                                          f"train.batch_size={rows}", "train.export_at_end=false"])
     optimizer = make_optimizer(cfg.train)
     state = jax.jit(lambda k: init_state(cfg.model, optimizer, k))(jax.random.key(0))

@@ -110,7 +110,7 @@ def summarize_trace(trace_dir: str, top: int = 6) -> list[str]:
 
 def bench_preset(preset: str, batch: int, seq_len: int, repeats: int, peak: float, trace_dir: str | None,
                  fwd_bwd_separately: bool | None = None) -> dict:
-    cfg = load_config("demo", [f"model.preset={preset}", f"train.batch_size={batch}", f"train.seq_len={seq_len}",
+    cfg = load_config("tiny_synthetic", [f"model.preset={preset}", f"train.batch_size={batch}", f"train.seq_len={seq_len}",
                                "model.dtype=float32", "model.param_dtype=float32", "train.steps=1000"])
     model_cfg, train_cfg = cfg.model, cfg.train
     optimizer = make_optimizer(train_cfg)

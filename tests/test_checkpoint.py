@@ -40,7 +40,7 @@ REL_TOL = 1e-5  # other meshes reduce in another order: equal to float32 roundin
 
 def make_cfg(run_dir: Path, mesh=(2, 4), num_devices: int = 0, every: int = 3, keep: int = 5, *extra: str):
     data, fsdp = mesh
-    return load_config("demo", overrides=[
+    return load_config("tiny_synthetic", overrides=[
         f"run_dir={run_dir}", "model.preset=tiny", f"train.steps={STEPS}", "train.batch_size=8", "train.seq_len=32",
         "train.warmup_steps=0", "train.learning_rate=3e-3", "train.export_at_end=false", "train.log_every=1000",
         "data.source=synthetic", f"checkpoint.every={every}", f"checkpoint.keep={keep}", "checkpoint.resume=true",

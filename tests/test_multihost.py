@@ -61,7 +61,7 @@ def command(run_dir: Path, steps: int, **extra) -> list[str]:
     sets = {"run_dir": str(run_dir), "train.steps": steps, "train.schedule": "constant",
             "checkpoint.every": 1000, "checkpoint.async_save": "true",
             "train.export_at_end": "false", "train.batch_size": 8, "train.seq_len": 64, **extra}
-    cmd = [sys.executable, str(REPO / "launch" / "tpu_run.py"), "--config", "demo"]
+    cmd = [sys.executable, str(REPO / "launch" / "tpu_run.py"), "--config", "tiny_synthetic"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     return cmd

@@ -167,7 +167,7 @@ def test_training_interrupted_and_resumed_sees_the_same_batches(tmp_path, small)
     root, _ = small
 
     def cfg(run: str):
-        return load_config("demo", overrides=[
+        return load_config("tiny_synthetic", overrides=[
             f"run_dir={tmp_path / run}", "data.source=tfrecord", f"data.prepared_dir={root}", "train.steps=6",
             "checkpoint.every=3", "checkpoint.async_save=false", "train.export_at_end=false", "mesh.num_devices=1",
             "train.seq_len=64", "train.batch_size=4", "data.shuffle_buffer=16", "data.pack_window=8",

@@ -1,7 +1,7 @@
 """Exact resume with real processes: `kill -9` at a random step, SIGTERM preemption, and a rerun
 of the same command that must end bitwise identical to an uninterrupted run.
 
-Every run is `python launch/tpu_run.py --config demo ...` in its own process (2 fake CPU devices,
+Every run is `python launch/tpu_run.py --config tiny_synthetic ...` in its own process (2 fake CPU devices,
 so restored arrays must come back sharded). A persistent XLA compilation cache private to this
 module keeps the reruns from recompiling; the uninterrupted baseline compiles from scratch.
 
@@ -45,7 +45,7 @@ def overrides(run_dir: Path, **extra) -> list[str]:
 
 
 def command(run_dir: Path, **extra) -> list[str]:
-    cmd = [sys.executable, str(REPO / "launch" / "tpu_run.py"), "--config", "demo"]
+    cmd = [sys.executable, str(REPO / "launch" / "tpu_run.py"), "--config", "tiny_synthetic"]
     for item in overrides(run_dir, **extra):
         cmd += ["--set", item]
     return cmd
@@ -135,7 +135,7 @@ def check_final(run_dir: Path, baseline: dict) -> None:
     assert_bitwise_equal(state["opt_state"], baseline["state"]["opt_state"], "opt_state")
     assert_bitwise_equal(state["rng"], baseline["state"]["rng"], "rng")
     # The export path reads the same params.
-    model_cfg = load_config("demo", overrides(run_dir)).model
+    model_cfg = load_config("tiny_synthetic", overrides(run_dir)).model
     assert_bitwise_equal(load_params_for_export(run_dir / "checkpoints", model_cfg),
                          load_params_for_export(baseline["run_dir"] / "checkpoints", model_cfg), "export params")
 
@@ -276,7 +276,7 @@ def test_sigterm_right_after_a_periodic_checkpoint(tmp_path):
     from xinst_jax.train.loop import run_training
 
     # In this process: conftest's 8 CPU devices (fsdp=8).
-    cfg = load_config("demo", overrides(tmp_path / "run", **{"train.steps": 12, "distributed.num_cpu_devices": 0,
+    cfg = load_config("tiny_synthetic", overrides(tmp_path / "run", **{"train.steps": 12, "distributed.num_cpu_devices": 0,
                                                              "train.batch_size": 8, "train.seq_len": 32}))
     source = SyntheticSource(cfg.data.synthetic, cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len,
                              cfg.seed)

@@ -32,7 +32,7 @@ REL_TOL = 1e-5
 
 def cfg_for(run_dir, mesh, num_devices=0, *extra):
     data, fsdp, tensor = mesh
-    return load_config("demo", overrides=[
+    return load_config("tiny_synthetic", overrides=[
         f"run_dir={run_dir}", *MODEL, f"train.steps={STEPS}", "train.batch_size=8", "train.seq_len=32",
         "train.warmup_steps=0", "train.learning_rate=3e-3", "train.export_at_end=false", "train.log_every=1000",
         "checkpoint.every=100000", "checkpoint.resume=false", "data.source=synthetic",

@@ -29,7 +29,7 @@ ROW_LENS = [32, 1, 0, 5, 20, 2, 7, 0]
 
 
 def tiny_cfg(*overrides: str):
-    return load_config("demo", overrides=["train.export_at_end=false", *overrides])
+    return load_config("tiny_synthetic", overrides=["train.export_at_end=false", *overrides])
 
 
 def make_batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
