@@ -25,6 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # hf_reference: the SmolLM2 loader shared with the tests
 
 # Candidate XLA CPU flags for --sweep-xla-flags ("" = jax defaults: XLA:CPU with YNNPACK dot fusions).
@@ -70,29 +71,11 @@ from xinst_jax.model.llama import (attention_block, default_positions_and_segmen
                                    init_params, mlp_block, rms_norm)
 from xinst_jax.model.presets import PRESETS  # noqa: E402
 from xinst_jax.model.rope import inverse_frequencies, rope_cos_sin  # noqa: E402
+from machine import cpu_flags, cpu_model  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return " ".join(sorted(f for f in flags if f.startswith(("avx512f", "avx512_bf16", "amx", "avx2"))))
-    except OSError:
-        pass
-    return "?"
 
 
 def timed(fn, repeats: int) -> list[float]:

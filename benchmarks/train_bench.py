@@ -32,6 +32,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,21 +44,13 @@ from xinst_jax.model.llama import count_params  # noqa: E402
 from xinst_jax.train.flops import measured_matmul_peak, training_flops_per_step  # noqa: E402
 from xinst_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from xinst_jax.train.step import _micro_sums, init_state, loss_and_grads, make_train_step  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 # preset -> (batch, seq_len, timed repeats): small enough for a 2-core CPU.
 DEFAULT_SHAPES = {"tiny": (8, 128, 10), "smollm2_135m": (4, 256, 3)}
 SEPARATE_FWD_BWD_BELOW = 50e6  # params; larger models derive backward as step - forward - update
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, *args, repeats: int) -> tuple[float, float]:
