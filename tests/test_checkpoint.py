@@ -273,3 +273,16 @@ def test_load_params_for_export_returns_trained_params(base):
     step3 = load_params_for_export(ckpt_dir(u_cfg) / "3", u_cfg.model)
     assert_bitwise_equal(step3, base["p3"]["params"], "step 3: ")
     assert not math.isclose(float(np.abs(step3["lm_head"]["kernel"] - trained["lm_head"]["kernel"]).max()), 0.0)
+
+
+def test_relative_run_dir_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """run_dir defaults to the relative runs/<name>; orbax needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny_synthetic", overrides=["run_dir=runs/rel", "train.steps=2", "checkpoint.every=1",
+                                                    "train.export_at_end=false", "mesh.num_devices=1"])
+    assert run_training(cfg).final_step == 2
+    assert sorted(p.name for p in (tmp_path / "runs" / "rel" / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    cfg = load_config("tiny_synthetic", overrides=["run_dir=runs/rel", "train.steps=3", "checkpoint.every=1",
+                                                    "train.export_at_end=false", "mesh.num_devices=1"])
+    resumed = run_training(cfg)
+    assert resumed.final_step == 3 and [h["step"] for h in resumed.history] == [3]

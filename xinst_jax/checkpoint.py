@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -64,7 +65,9 @@ class Checkpointer:
     """Thin policy layer over ocp.CheckpointManager."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = epath.Path(directory)
+        directory = str(directory)
+        # orbax wants absolute paths; run_dir defaults to the relative runs/<name>.
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(
