@@ -1,0 +1,445 @@
+"""The inference engine on tiny random models (fast): generation against a naive full-forward
+reference, bucketing without recompilation, independent stopping, sampling filters, seeding,
+sharded == single device (8 fake CPU devices), and scoring."""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xinst_jax.config import MeshConfig, ModelConfig
+from xinst_jax.infer import decode_model as dm
+from xinst_jax.infer.generate import Engine, pick_bucket
+from xinst_jax.infer.sampling import (SamplingSettings, candidate_scores, choose_tokens, ngram_banned_mask,
+                                      process_logits_full, row_keys)
+from xinst_jax.infer.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from xinst_jax.model.llama import default_positions_and_segments, forward, init_params
+from xinst_jax.sharding import make_mesh, parse_rules
+
+NEAR_TIE = 1e-4  # fp32 on both sides: only a genuine tie may flip an argmax
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=96, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                max_seq_len=256, init_std=0.3, tie_embeddings=False)
+    return ModelConfig(**{**base, **kw})
+
+
+def tiny_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """init_params with norm scales off 1 (a swapped norm must not hide)."""
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    key = jax.random.PRNGKey(seed + 100)
+    for path in (("layers", "attn_norm"), ("layers", "mlp_norm"), ("final_norm",)):
+        node = params
+        for k in path:
+            node = node[k]
+        key, sub = jax.random.split(key)
+        node["scale"] = node["scale"] + 0.2 * jax.random.normal(sub, node["scale"].shape)
+    return params
+
+
+def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+_fwd_cache: dict = {}
+
+
+def full_logits_ref(params, cfg, seq: list[int], width: int = 64) -> np.ndarray:
+    """llama.forward over one unpadded sequence (right-padded to `width` with segment 0, which
+    causal attention never sees: one compile serves every length)."""
+    key = id(cfg)
+    if key not in _fwd_cache:
+        _fwd_cache[key] = jax.jit(lambda p, t, pos, seg: forward(p, t, pos, seg, cfg))
+    assert len(seq) <= width
+    t = np.zeros((1, width), np.int32)
+    t[0, :len(seq)] = seq
+    pos, _ = default_positions_and_segments(jnp.asarray(t))
+    seg = (np.arange(width) < len(seq)).astype(np.int32)[None]
+    return np.asarray(_fwd_cache[key](params, jnp.asarray(t), pos, jnp.asarray(seg)))[0, :len(seq)]
+
+
+def greedy_reference(params, cfg, prompt: list[int], n: int, stop: tuple = (), min_new: int = 0
+                     ) -> tuple[list[int], list[float]]:
+    """Naive greedy: a full forward over the whole sequence for every new token (stop tokens
+    banned for the first `min_new`). Returns the tokens and the top-2 logit gap at each step."""
+    seq, gaps = list(prompt), []
+    for step in range(n):
+        logits = full_logits_ref(params, cfg, seq)[-1].copy()
+        if step < min_new:
+            logits[list(stop)] = -np.inf
+        top2 = np.sort(logits)[-2:]
+        gaps.append(float(top2[1] - top2[0]))
+        seq.append(int(np.argmax(logits)))
+        if seq[-1] in stop:
+            break
+    return seq[len(prompt):], gaps
+
+
+def assert_same_or_near_tie(got: list[int], want: list[int], gaps: list[float], what: str) -> int:
+    """Token-for-token equality; where they first differ the reference must have had a near-tie."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            assert gaps[i] < NEAR_TIE, f"{what}: step {i}: got {a}, reference {b}, reference top-2 gap {gaps[i]:.2e}"
+            return i
+    assert len(got) == len(want), f"{what}: {len(got)} tokens vs reference {len(want)}"
+    return len(got)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_cfg()
+    return cfg, tiny_params(cfg)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_greedy_matches_naive_full_forward(model):
+    cfg, params = model
+    prompts = random_prompts(cfg.vocab_size, [1, 5, 9, 16, 3, 12, 7])  # 7 rows, batch 4: a padded last batch
+    engine = Engine(params, cfg, batch_size=4, buckets=(8, 16))
+    out = engine.generate(prompts, SamplingSettings(max_new_tokens=12, temperature=0.0, no_repeat_ngram=0))
+    for i, prompt in enumerate(prompts):
+        want, gaps = greedy_reference(params, cfg, prompt, 12)
+        assert_same_or_near_tie(out.tokens[i], want, gaps, f"prompt {i}")
+        assert out.finish_reasons[i] == "length" and len(out.tokens[i]) == 12
+    assert out.prompt_lengths == [len(p) for p in prompts] and not any(out.truncated)
+
+
+@pytest.mark.parametrize("transposed", [None, ()], ids=["out_in", "in_out"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_model_logits_match_forward(transposed, tied):
+    """Prefill + decode steps of the inference layout reproduce llama.forward's logits (fp32),
+    with the matrices stored [out, in] (default) or [in, out], tied or untied embeddings."""
+    cfg = tiny_cfg(tie_embeddings=tied)
+    params = tiny_params(cfg, seed=int(tied))
+    prep = dm.prepare_params(params, cfg, transposed=transposed)
+    assert ("wq_t" in prep["layers"][0]["attn"]) == (transposed is None)
+    assert ("lm_head" in prep) == (not tied)
+    seq = random_prompts(cfg.vocab_size, [20], seed=3)[0]
+    ref = full_logits_ref(params, cfg, seq)
+    p, pad = 12, 4  # prompt = first 8 tokens, left-padded by 4 into a bucket of 12
+    tokens = np.zeros((1, p), np.int32)
+    tokens[0, pad:] = seq[:p - pad]
+    first = jnp.asarray([pad], jnp.int32)
+    cache = dm.init_decode_cache(cfg, 1, p + 12)
+    logits, cache = dm.prefill_step(prep, jnp.asarray(tokens), first, cache, cfg)
+    got = [np.asarray(logits[0])]
+    for i in range(p - pad, len(seq) - 1):
+        slot = jnp.int32(pad + i)
+        logits, cache = dm.decode_step(prep, jnp.asarray([[seq[i]]], jnp.int32), jnp.asarray([[i]], jnp.int32),
+                                       first, cache, slot, cfg)
+        got.append(np.asarray(logits[0]))
+    np.testing.assert_allclose(np.stack(got), ref[p - pad - 1:len(seq) - 1], atol=2e-5, rtol=0)
+    assert np.abs(ref).max() > 1.0  # O(1) logits: the bound is meaningful
+
+
+def test_bf16_weights_and_cache_stay_close(model):
+    cfg, params = model
+    seq = random_prompts(cfg.vocab_size, [10], seed=4)[0]
+    tokens = jnp.asarray([seq], jnp.int32)
+    first = jnp.zeros((1,), jnp.int32)
+    outs = {}
+    for wd, kv in (("float32", "float32"), ("bfloat16", "bfloat16")):
+        prep = dm.prepare_params(params, cfg, wd)
+        assert prep["layers"][0]["mlp"]["w_up_t"].dtype == jnp.dtype(wd)
+        cache = dm.init_decode_cache(cfg, 1, 16, kv)
+        logits, cache = dm.prefill_step(prep, tokens, first, cache, cfg)
+        assert cache["k"][0].dtype == jnp.dtype(kv)
+        logits2, _ = dm.decode_step(prep, tokens[:, :1], jnp.asarray([[10]]), first, cache, jnp.int32(10), cfg)
+        outs[wd] = np.concatenate([np.asarray(logits), np.asarray(logits2)])
+    scale = np.abs(outs["float32"]).max()
+    err = np.abs(outs["bfloat16"] - outs["float32"]).max()
+    assert 0 < err < 0.03 * scale, (err, scale)  # bf16 rounds (err > 0) but ~3 significant digits survive
+
+
+def test_no_recompilation_within_a_bucket(model):
+    cfg, params = model
+    engine = Engine(params, cfg, batch_size=4, buckets=(8, 16))
+    settings = SamplingSettings(max_new_tokens=6)
+    for seed in range(3):  # three batches of different prompts and lengths, all in bucket 8
+        engine.generate(random_prompts(cfg.vocab_size, [2 + seed, 8, 5, 1], seed=seed), settings)
+    engine.generate(random_prompts(cfg.vocab_size, [3], seed=9), settings)  # a short batch: padded rows
+    assert engine._prefill._cache_size() == 1 and engine._decode._cache_size() == 1
+    assert sorted(collections.Counter(k[0] for k in engine.trace_counts).items()) == [("decode", 1), ("prefill", 1)]
+    assert all(v == 1 for v in engine.trace_counts.values())
+    engine.generate(random_prompts(cfg.vocab_size, [12, 3], seed=5), settings)  # bucket 16: one more of each
+    assert engine._prefill._cache_size() == 2 and engine._decode._cache_size() == 2
+    assert all(v == 1 for v in engine.trace_counts.values())
+    assert len(engine.timings) == 5 and all(t.steps <= 6 for t in engine.timings)
+
+
+def test_bucket_choice_and_left_truncation(model):
+    cfg, params = model
+    assert [pick_bucket(n, (8, 16)) for n in (1, 8, 9, 16, 40)] == [8, 8, 16, 16, 16]
+    engine = Engine(params, cfg, batch_size=2, buckets=(8,))
+    long = random_prompts(cfg.vocab_size, [13], seed=6)[0]
+    settings = SamplingSettings(max_new_tokens=5, temperature=0.0, no_repeat_ngram=0)
+    out = engine.generate([long], settings)
+    assert out.truncated == [True] and out.prompt_lengths == [8]
+    assert out.tokens == engine.generate([long[-8:]], settings).tokens  # the last 8 tokens were used
+
+
+def test_rows_stop_independently_and_loop_exits_early(model):
+    cfg, params = model
+    prompts = random_prompts(cfg.vocab_size, [4, 6, 3, 5], seed=7)
+    base = SamplingSettings(max_new_tokens=16, temperature=0.0, no_repeat_ngram=0, pad_id=0)
+    engine = Engine(params, cfg, batch_size=4, buckets=(8,))
+    free = engine.generate(prompts, base).tokens
+    stop = free[0][3]  # row 0 generates this at step 3
+    out = engine.generate(prompts, SamplingSettings(**{**base.__dict__, "stop_token_ids": (stop,)}))
+    for row, toks in enumerate(free):
+        if stop in toks:
+            cut = toks.index(stop) + 1
+            assert out.tokens[row] == toks[:cut] and out.finish_reasons[row] == "stop", row
+        else:
+            assert out.tokens[row] == toks and out.finish_reasons[row] == "length", row
+    assert len(out.tokens[0]) <= 4
+    # every row stops on its first token: the loop runs only that one step
+    firsts = tuple(sorted({t[0] for t in free}))
+    engine.timings.clear()
+    out = engine.generate(prompts, SamplingSettings(**{**base.__dict__, "stop_token_ids": firsts}))
+    assert all(len(t) == 1 for t in out.tokens) and set(out.finish_reasons) == {"stop"}
+    assert engine.timings[0].steps == 1
+    # min_new_tokens: the stop tokens are banned for the first 5 steps, then stop the rows again
+    out = engine.generate(prompts, SamplingSettings(**{**base.__dict__, "stop_token_ids": firsts,
+                                                       "min_new_tokens": 5}))
+    for row, prompt in enumerate(prompts):
+        want, gaps = greedy_reference(params, cfg, prompt, 16, stop=firsts, min_new=5)
+        assert_same_or_near_tie(out.tokens[row], want, gaps, f"row {row}")
+        assert len(out.tokens[row]) >= 5 and not set(out.tokens[row][:5]) & set(firsts)
+
+
+def test_stop_sequence(model):
+    cfg, params = model
+    prompts = random_prompts(cfg.vocab_size, [5, 7], seed=8)
+    base = SamplingSettings(max_new_tokens=12, temperature=0.0, no_repeat_ngram=0)
+    engine = Engine(params, cfg, batch_size=2, buckets=(8,))
+    free = engine.generate(prompts, base).tokens
+    seq = tuple(free[1][4:6])
+    out = engine.generate(prompts, SamplingSettings(**{**base.__dict__, "stop_sequences": (seq,)}))
+    for row, toks in enumerate(free):
+        ends = [i + 2 for i in range(len(toks) - 1) if tuple(toks[i:i + 2]) == seq]
+        want = toks[:ends[0]] if ends else toks
+        assert out.tokens[row] == want, row
+    assert out.finish_reasons[1] == "stop" and len(out.tokens[1]) <= 6
+
+
+def has_repeated_ngram(seq: list[int], n: int) -> bool:
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram_holds_in_outputs():
+    cfg = tiny_cfg(vocab_size=24)  # a small vocabulary: greedy decoding loops quickly
+    params = tiny_params(cfg, seed=1)
+    prompts = random_prompts(cfg.vocab_size, [4, 6, 2, 5], seed=2)
+    engine = Engine(params, cfg, batch_size=4, buckets=(8,))
+    free = engine.generate(prompts, SamplingSettings(max_new_tokens=40, temperature=0.0, no_repeat_ngram=0))
+    assert any(has_repeated_ngram(p + t, 3) for p, t in zip(prompts, free.tokens))  # the ban has work to do
+    for settings in (SamplingSettings(max_new_tokens=40, temperature=0.0, no_repeat_ngram=3),
+                     SamplingSettings(max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram=3)):
+        out = engine.generate(prompts, settings)
+        for p, t in zip(prompts, out.tokens):
+            assert len(t) == 40 and not has_repeated_ngram(p + t, 3), (p, t)
+
+
+# --------------------------------------------------------------------------- sampling pieces
+
+
+def ngram_banned_reference(seq: list[int], n: int) -> set[int]:
+    """HF NoRepeatNGramLogitsProcessor for one row, written out plainly."""
+    if len(seq) < n:
+        return set()
+    prefix = tuple(seq[len(seq) - n + 1:])
+    return {seq[j + n - 1] for j in range(len(seq) - n + 1) if tuple(seq[j:j + n - 1]) == prefix}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_ngram_mask_matches_reference(n):
+    rng = np.random.default_rng(n)
+    b, s, v = 6, 24, 5  # few symbols: many repeats
+    hist = rng.integers(0, v, size=(b, s)).astype(np.int32)
+    first = np.array([0, 3, 10, 15, 20, 21], np.int32)
+    for cur in (21, 22, 24):
+        got = np.asarray(ngram_banned_mask(jnp.asarray(hist), jnp.asarray(first), jnp.int32(cur), n, v))
+        for row in range(b):
+            seq = hist[row, first[row]:cur].tolist()
+            want = ngram_banned_reference(seq, n)
+            assert set(np.flatnonzero(got[row]).tolist()) == want, (row, cur, seq)
+    got = ngram_banned_mask(jnp.asarray(hist), jnp.asarray(first), jnp.int32(24), n, v)
+    assert bool(got.any())  # the case is not vacuous
+
+
+def test_candidates_equal_full_processing():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(5, 200)).astype(np.float32) * 3)
+    banned = jnp.asarray(rng.random((5, 200)) < 0.1)
+    for st in (SamplingSettings(), SamplingSettings(temperature=1.3, top_k=7, top_p=0.5),
+               SamplingSettings(top_k=0, top_p=0.8), SamplingSettings(top_k=20, top_p=1.0)):
+        full = np.asarray(process_logits_full(logits, st, banned))
+        values, ids = candidate_scores(logits, st, banned)
+        scattered = np.full_like(full, -np.inf)
+        np.put_along_axis(scattered, np.asarray(ids), np.asarray(values), axis=-1)
+        np.testing.assert_array_equal(np.isfinite(scattered), np.isfinite(full))
+        np.testing.assert_allclose(scattered[np.isfinite(full)], full[np.isfinite(full)], rtol=1e-6)
+
+
+def test_sampling_frequencies_follow_processed_distribution():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(1, 12)).astype(np.float32) * 2)
+    st = SamplingSettings(temperature=0.8, top_k=6, top_p=0.85, no_repeat_ngram=0)
+    probs = np.asarray(jax.nn.softmax(process_logits_full(logits, st)))[0]
+    n = 40000
+    keys = row_keys(123, np.arange(n))
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: choose_tokens(logits, st, k[None], jnp.int32(0))[0]))(keys))
+    freq = np.bincount(draws, minlength=12) / n
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs))  # never a filtered token
+    np.testing.assert_allclose(freq, probs, atol=0.012)  # ~5 sigma at n=40000
+    assert (probs > 0).sum() >= 2  # a real choice was made
+
+
+def test_sampling_is_seeded_and_row_local(model):
+    cfg, params = model
+    prompts = random_prompts(cfg.vocab_size, [5, 3, 7, 6], seed=11)
+    engine = Engine(params, cfg, batch_size=4, buckets=(8,))
+    st = SamplingSettings(max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram=0, seed=5)
+    a = engine.generate(prompts, st, row_ids=[10, 11, 12, 13]).tokens
+    assert engine.generate(prompts, st, row_ids=[10, 11, 12, 13]).tokens == a
+    b = engine.generate(prompts, SamplingSettings(**{**st.__dict__, "seed": 6}), row_ids=[10, 11, 12, 13]).tokens
+    assert b != a
+    # a row's sample depends on its id, not on its batch neighbours or order
+    order = [2, 0, 3, 1]
+    c = engine.generate([prompts[i] for i in order], st, row_ids=[10 + i for i in order]).tokens
+    assert [c[order.index(i)] for i in range(4)] == a
+    alone = engine.generate([prompts[2]], st, row_ids=[12]).tokens
+    assert alone[0] == a[2]
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("mesh_kw", [dict(data=4, fsdp=1, tensor=2), dict(data=1, fsdp=-1, tensor=1),
+                                     dict(data=2, fsdp=2, tensor=2)])
+def test_sharded_equals_single_device(model, mesh_kw):
+    assert jax.device_count() == 8
+    cfg, params = model
+    mesh_cfg = MeshConfig(**mesh_kw)
+    mesh = make_mesh(mesh_cfg)
+    rules = parse_rules(mesh_cfg.rules)
+    prompts = random_prompts(cfg.vocab_size, [5, 3, 8, 6, 2, 7, 4, 8, 1, 6], seed=12)
+    single = Engine(params, cfg, batch_size=8, buckets=(8,))
+    sharded = Engine(params, cfg, mesh=mesh, rules=rules, batch_size=8, buckets=(8,))
+    wq = sharded.params["layers"][0]["attn"]["wq_t"]
+    assert len(wq.sharding.device_set) == 8
+    if mesh_kw["tensor"] > 1:
+        assert "tensor" in str(wq.sharding.spec)
+    for st in (SamplingSettings(max_new_tokens=10, temperature=0.0, no_repeat_ngram=3),
+               SamplingSettings(max_new_tokens=10, seed=3)):
+        want = single.generate(prompts, st)
+        got = sharded.generate(prompts, st)
+        assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons, st
+    conts = random_prompts(cfg.vocab_size, [3, 1, 4, 2, 5, 2, 3, 1, 2, 4], seed=13)
+    np.testing.assert_allclose(sharded.score(prompts, conts).sum_logprob, single.score(prompts, conts).sum_logprob,
+                               atol=1e-5, rtol=0)
+
+
+def test_batch_must_split_over_data_parallel(model):
+    cfg, params = model
+    mesh_cfg = MeshConfig(data=8, fsdp=1, tensor=1)
+    with pytest.raises(ValueError, match="not divisible"):
+        Engine(params, cfg, mesh=make_mesh(mesh_cfg), rules=parse_rules(mesh_cfg.rules), batch_size=4)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_score_matches_full_forward(model):
+    cfg, params = model
+    prompts = random_prompts(cfg.vocab_size, [3, 9, 1, 6, 12], seed=14)
+    conts = random_prompts(cfg.vocab_size, [4, 1, 7, 3, 2], seed=15)
+    engine = Engine(params, cfg, batch_size=2, buckets=(8, 16))
+    out = engine.score(prompts, conts)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        logits = full_logits_ref(params, cfg, p + c)
+        logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float64 if jax.config.x64_enabled else
+                                                          jnp.float32), axis=-1))
+        want = np.array([logp[len(p) - 1 + j, c[j]] for j in range(len(c))])
+        np.testing.assert_allclose(out.token_logprobs[i], want, atol=1e-5, rtol=0)
+        assert out.num_tokens[i] == len(c)
+        assert out.sum_logprob[i] == pytest.approx(want.sum(), abs=1e-4)
+        assert out.mean_logprob[i] == pytest.approx(want.mean(), abs=1e-5)
+        greedy = all(np.argmax(logits[len(p) - 1 + j]) == c[j] for j in range(len(c)))
+        assert out.is_greedy[i] == greedy
+    assert (out.sum_logprob < 0).all()
+
+
+def test_greedy_continuation_scores_as_greedy(model):
+    cfg, params = model
+    prompts = random_prompts(cfg.vocab_size, [4, 7], seed=16)
+    engine = Engine(params, cfg, batch_size=2, buckets=(8, 16))
+    conts = engine.generate(prompts, SamplingSettings(max_new_tokens=5, temperature=0.0, no_repeat_ngram=0)).tokens
+    out = engine.score(prompts, conts)
+    assert out.is_greedy.all()
+    other = [[(c[0] + 1) % cfg.vocab_size] + c[1:] for c in conts]
+    worse = engine.score(prompts, other)
+    assert not worse.is_greedy.any() and (worse.sum_logprob < out.sum_logprob).all()
+
+
+def test_score_truncates_long_prompts_from_the_left(model):
+    cfg, params = model
+    engine = Engine(params, cfg, batch_size=2, buckets=(8,), score_buckets=(16,))
+    p = random_prompts(cfg.vocab_size, [20], seed=17)[0]
+    c = [5, 6, 7]
+    out = engine.score([p], [c])
+    assert out.truncated.tolist() == [True]
+    np.testing.assert_allclose(out.token_logprobs[0], engine.score([p[-13:]], [c]).token_logprobs[0], atol=1e-6)
+    with pytest.raises(ValueError, match="continuation 0"):
+        engine.score([p], [list(range(3, 20))])
+
+
+def test_rejects_empty_prompts(model):
+    cfg, params = model
+    engine = Engine(params, cfg, batch_size=2, buckets=(8,))
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[5], []], SamplingSettings())
+    with pytest.raises(ValueError, match="empty"):
+        engine.score([[]], [[4]])
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trip():
+    tok = load_tokenizer("bytes")
+    assert isinstance(tok, ByteTokenizer)
+    for text in ("hello", "กรุงเทพ", "Habari ya asubuhi", "پاکستان", ""):
+        ids = tok.encode(text)
+        assert all(3 <= i < 259 for i in ids) and len(ids) == len(text.encode("utf-8"))
+        assert tok.decode(ids) == text
+    assert tok.decode(tok.encode("ab") + [tok.eos_id, 0]) == "ab"  # specials are not text
+
+
+def test_hf_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the cat sat on the mat", "the dog sat on the log"] * 5,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(str(tmp_path))  # a directory holding tokenizer.json
+    assert isinstance(ours, HFTokenizer)
+    ids = ours.encode("the cat sat")
+    assert ids == tok.encode("the cat sat", add_special_tokens=False).ids
+    assert ours.decode(ids) == tok.decode(ids)
+    from xinst_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not found"):
+        load_tokenizer(str(tmp_path / "missing"))

@@ -1,0 +1,322 @@
+"""The `generate` job: input schema and bad lines, shards and done-markers, resume after a real
+`kill -9`, the process split, and the shipped offline demo through the entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xinst_jax.config import ConfigError, load_config
+from xinst_jax.infer.job import (DEMO_PROMPTS, output_text, parse_record, run_generate, sampling_settings,
+                                 shard_paths, shards_for_process)
+from xinst_jax.infer.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY = REPO / "launch" / "tpu_run.py"
+
+
+def job_config(tmp_path: Path, input_path: Path, *extra: str):
+    overrides = [f"run_dir={tmp_path / 'run'}", f"generate.input={input_path}", f"generate.output={tmp_path / 'out'}",
+                 "generate.max_new_tokens=6", "generate.batch_size=2", "generate.shard_size=2",
+                 "generate.prompt_buckets=[32,64]", "generate.progress=false", "mesh.num_devices=1", *extra]
+    return load_config("generate_demo", overrides)
+
+
+def write_lines(path: Path, lines: list[str | bytes]) -> Path:
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else line.encode("utf-8"))
+            f.write(b"\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+GOOD = [
+    json.dumps({"id": "a", "prompt": "Write a question about rivers."}),
+    json.dumps({"id": 7, "instruction": "Summarise.", "text": "The cat sat on the mat."}),
+    json.dumps({"id": "c", "text": "กรุงเทพมหานครเป็นเมืองหลวง", "extra": [1, 2]}),
+    json.dumps({"id": "d", "instruction": "Translate into English: Habari ya asubuhi"}),
+    json.dumps({"id": "e", "prompt": "پاکستان کا دارالحکومت"}, ensure_ascii=False),
+]
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_parse_record_schema():
+    assert parse_record(b'{"id": 1, "prompt": "p"}', "\n\n") == (1, "p")
+    assert parse_record(b'{"id": "x", "instruction": "i", "text": "t"}', " | ") == ("x", "i | t")
+    assert parse_record(b'{"id": "x", "text": "t", "prompt": ""}', "\n") == ("x", "t")  # empty prompt: fall back
+    for raw, reason in [(b'{"id": 1, "prompt": "p"', "invalid JSON"), (b'[1, 2]', "expected a JSON object"),
+                        (b'{"prompt": "p"}', "missing field 'id'"), (b'{"id": [1], "prompt": "p"}', "'id' must be"),
+                        (b'{"id": true, "prompt": "p"}', "'id' must be"), (b'{"id": 1}', "missing field"),
+                        (b'{"id": 1, "prompt": 3}', "'prompt' must be a string"), (b'{"id": 1, "text": ""}',
+                                                                                    "missing field"),
+                        (b'\xff\xfe{"id": 1}', "not UTF-8")]:
+        with pytest.raises(ValueError, match=reason):
+            parse_record(raw, "\n")
+
+
+def test_process_split_covers_every_shard_once():
+    for shards in (0, 1, 5, 12, 13):
+        for count in (1, 2, 3, 4, 7):
+            for split in ("contiguous", "strided"):
+                parts = [shards_for_process(shards, p, count, split) for p in range(count)]
+                flat = sorted(k for part in parts for k in part)
+                assert flat == list(range(shards)), (shards, count, split)
+                assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+                if split == "contiguous":
+                    assert all(part == list(range(part[0], part[0] + len(part))) for part in parts if part)
+                    assert [k for part in parts for k in part] == list(range(shards))  # process order = input order
+                else:
+                    assert all(all(k % count == p for k in part) for p, part in enumerate(parts))
+
+
+def test_stop_strings_end_rows_and_are_cut(tmp_path):
+    cfg = job_config(tmp_path, DEMO_PROMPTS, "generate.stop_strings=['##', 'END']", "generate.stop_token_ids=[7]")
+    tok = ByteTokenizer()
+    settings = sampling_settings(cfg, cfg.model, tok)
+    assert settings.stop_sequences == (tuple(tok.encode("##")), tuple(tok.encode("END")))
+    assert set(settings.stop_token_ids) == {7, cfg.model.eos_token_id}
+    assert (settings.temperature, settings.top_p, settings.top_k, settings.no_repeat_ngram) == (0.7, 0.9, 50, 6)
+    text, finish = output_text(tok, tok.encode("abc##def") + [tok.eos_id], "stop", settings, ["##", "END"])
+    assert (text, finish) == ("abc", "stop")
+    assert output_text(tok, tok.encode("abcd"), "length", settings, ["##"]) == ("abcd", "length")
+    assert output_text(tok, tok.encode("ab") + [7], "stop", settings, []) == ("ab", "stop")
+
+
+# --------------------------------------------------------------------------- the job, in process
+
+
+def test_bad_lines_are_skipped_and_reported(tmp_path, capsys):
+    lines = [GOOD[0], "{not json", GOOD[1], json.dumps({"prompt": "no id"}), "", json.dumps({"id": "x"}),
+             GOOD[2], json.dumps([1, 2, 3]), json.dumps({"id": {"a": 1}, "prompt": "p"}), b"\xff\xfe garbage",
+             GOOD[3], json.dumps({"id": "y", "prompt": 12}), "   ", GOOD[4]]
+    inp = write_lines(tmp_path / "in.jsonl", lines)
+    report = run_generate(job_config(tmp_path, inp))
+    bad_numbers = [2, 4, 6, 8, 9, 10, 12]
+    assert [b.split(":")[1] for b in report["bad"]] == [str(n) for n in bad_numbers]
+    assert all(b.startswith("in.jsonl:") for b in report["bad"])
+    assert "invalid JSON" in report["bad"][0] and "missing field 'id'" in report["bad"][1]
+    assert report["records"] == 5 and report["bad_lines"] == 7 and report["shards"] == 3
+    out = capsys.readouterr().out
+    for b in report["bad"]:
+        assert b in out
+    rows = read_jsonl(tmp_path / "out" / "output.jsonl")
+    assert [r["id"] for r in rows] == ["a", 7, "c", "d", "e"]
+    assert [r["line"] for r in rows] == [1, 3, 7, 11, 14]
+    for r in rows:
+        assert set(r) == {"id", "line", "output", "finish_reason", "prompt_tokens", "output_tokens", "truncated"}
+        assert r["finish_reason"] in ("stop", "length") and 1 <= r["output_tokens"] <= 6
+    # prompt_tokens = BOS + the prompt's UTF-8 bytes (instruction and text joined by generate.join)
+    assert rows[1]["prompt_tokens"] == 1 + len("Summarise.\n\nThe cat sat on the mat.".encode())
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["bad"] == report["bad"] and saved["merged"].endswith("output.jsonl")
+
+
+def test_rerun_skips_done_shards_and_redoes_unfinished(tmp_path):
+    inp = write_lines(tmp_path / "in.jsonl", GOOD)
+    cfg = job_config(tmp_path, inp)
+    first = run_generate(cfg)
+    assert (first["shards"], first["shards_generated"], first["shards_reused"]) == (3, 3, 0)
+    out = tmp_path / "out"
+    merged = (out / "output.jsonl").read_bytes()
+    assert len(read_jsonl(out / "output.jsonl")) == 5
+
+    again = run_generate(cfg)  # everything done: nothing is generated, same output
+    assert (again["shards_generated"], again["shards_reused"]) == (0, 3)
+    assert (out / "output.jsonl").read_bytes() == merged
+
+    part1, done1 = shard_paths(out, 1)  # shard 1 lost its marker mid-write; shard 2 is half written
+    done1.unlink()
+    part2, done2 = shard_paths(out, 2)
+    part2.write_bytes(part2.read_bytes()[:10])
+    (out / "output.jsonl").unlink()
+    (out / "part-00002.jsonl.tmp-999").write_text("stale")
+    third = run_generate(cfg)
+    assert (third["shards_generated"], third["shards_reused"]) == (2, 1)
+    assert (out / "output.jsonl").read_bytes() == merged  # regenerated shards are identical
+
+
+def test_other_settings_in_the_same_output_are_refused(tmp_path):
+    inp = write_lines(tmp_path / "in.jsonl", GOOD[:2])
+    run_generate(job_config(tmp_path, inp))
+    with pytest.raises(ConfigError, match="another run.*settings"):
+        run_generate(job_config(tmp_path, inp, "generate.max_new_tokens=7"))
+    write_lines(inp, GOOD[:3])
+    with pytest.raises(ConfigError, match="input_sha256"):
+        run_generate(job_config(tmp_path, inp))
+
+
+def test_weights_from_checkpoint_or_hf_dir(tmp_path):
+    """generate.checkpoint (a trainer checkpoint) and generate.hf_dir (a HF directory) load the same
+    weights: same greedy outputs, equal to the engine run directly, unlike the random init."""
+    import jax
+    import jax.numpy as jnp
+
+    from xinst_jax.checkpoint import Checkpointer
+    from xinst_jax.config import CheckpointConfig, to_dict
+    from xinst_jax.convert.hf import export_hf
+    from xinst_jax.infer.generate import Engine
+    from xinst_jax.model.llama import init_params
+
+    inp = write_lines(tmp_path / "in.jsonl", GOOD)
+    greedy = ("generate.temperature=0", "generate.no_repeat_ngram=0")
+    cfg = job_config(tmp_path, inp, *greedy)
+    params = jax.tree.map(lambda x: x * 6.0 if x.ndim >= 2 else x,  # larger weights: decisive argmaxes
+                          init_params(cfg.model, jax.random.PRNGKey(42)))
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(async_save=False))
+    ckpt.save(5, {"step": jnp.int32(5), "params": params}, {}, to_dict(cfg), force=True)
+    ckpt.close()
+    export_hf(params, cfg.model, tmp_path / "hf", dtype="float32")
+
+    outputs = {}
+    for name, source in [("ckpt", f"generate.checkpoint={tmp_path / 'ckpt' / '5'}"),
+                         ("hf", f"generate.hf_dir={tmp_path / 'hf'}"), ("random", "generate.checkpoint=")]:
+        report = run_generate(job_config(tmp_path, inp, *greedy, source, f"generate.output={tmp_path / name}"))
+        assert report["model"].startswith({"ckpt": "checkpoint", "hf": "hf", "random": "random init"}[name])
+        outputs[name] = [r["output"] for r in read_jsonl(tmp_path / name / "output.jsonl")]
+    assert outputs["ckpt"] == outputs["hf"] != outputs["random"]
+
+    tok = ByteTokenizer()
+    prompts = [[cfg.model.bos_token_id] + tok.encode(parse_record(line.encode(), cfg.generate.join)[1])
+               for line in GOOD]
+    engine = Engine(params, cfg.model, batch_size=2, buckets=(32, 64))
+    direct = engine.generate(prompts, sampling_settings(cfg, cfg.model, tok), row_ids=[1, 2, 3, 4, 5])
+    texts = [output_text(tok, t, f, sampling_settings(cfg, cfg.model, tok), [])[0]
+             for t, f in zip(direct.tokens, direct.finish_reasons)]
+    assert texts == outputs["ckpt"]
+
+
+def test_missing_input_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="generate.input"):
+        run_generate(job_config(tmp_path, tmp_path / "nope.jsonl"))
+
+
+# --------------------------------------------------------------------------- through the entry point
+
+
+def launch(*args: str, cwd: Path, env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XINST_")}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = launch(*args, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_demo_config_runs_offline(tmp_path):
+    proc = run_cli("--config", "generate_demo", "--set", f"run_dir={tmp_path / 'run'}",
+                   "--set", "generate.max_new_tokens=8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "random-init" in proc.stderr  # no weights configured: said so
+    assert "rec" in proc.stderr and "100%" in proc.stderr  # the progress bar
+    rows = read_jsonl(tmp_path / "run" / "generate" / "output.jsonl")
+    shipped = [json.loads(line) for line in DEMO_PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert [r["id"] for r in rows] == [s["id"] for s in shipped]
+    assert all(1 <= r["output_tokens"] <= 8 for r in rows)
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("generate:")]
+    assert len(summary) == 1 and f"{len(shipped)} records" in summary[0]
+
+
+def test_bad_input_through_cli_is_a_report_not_a_traceback(tmp_path):
+    inp = write_lines(tmp_path / "in.jsonl", [GOOD[0], "{broken", json.dumps({"id": 3})])
+    proc = run_cli("--config", "generate_demo", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"generate.input={inp}",
+                   "--set", "generate.max_new_tokens=4", "--set", "generate.progress=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "in.jsonl:2: invalid JSON" in proc.stdout and "in.jsonl:3: missing field" in proc.stdout
+    assert len(read_jsonl(tmp_path / "run" / "generate" / "output.jsonl")) == 1
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_gives_the_same_output(tmp_path):
+    records = [json.dumps({"id": f"r{i}", "prompt": f"Prompt number {i}: " + "word " * (i % 9)}) for i in range(60)]
+    inp = write_lines(tmp_path / "in.jsonl", records)
+    common = ["--set", f"generate.input={inp}", "--set", "generate.max_new_tokens=40", "--set", "generate.shard_size=4",
+              "--set", "generate.batch_size=4", "--set", "generate.progress=false", "--set", "mesh.num_devices=1"]
+
+    ref = run_cli("--config", "generate_demo", "--set", f"run_dir={tmp_path / 'ref'}", *common, cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    want = (tmp_path / "ref" / "generate" / "output.jsonl").read_bytes()
+
+    out = tmp_path / "killed" / "generate"
+    args = ("--config", "generate_demo", "--set", f"run_dir={tmp_path / 'killed'}", *common)
+    proc = launch(*args, cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("*.done")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    done = list(out.glob("*.done"))
+    assert 1 <= len(done) < 15, len(done)  # killed mid-run: some shards done, not all
+    assert not (out / "output.jsonl").exists()
+
+    rerun = run_cli(*args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["shards_reused"] == len(done) and report["shards_generated"] == 15 - len(done)
+    got = (out / "output.jsonl").read_bytes()
+    assert got == want  # same records, same order, same text: no duplicates, no losses
+    ids = [r["id"] for r in read_jsonl(out / "output.jsonl")]
+    assert ids == [f"r{i}" for i in range(60)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["contiguous", "strided"])
+def test_two_processes_split_the_input(tmp_path, split):
+    records = [json.dumps({"id": i, "text": f"document {i} " + "x" * (i % 5)}) for i in range(22)]
+    inp = write_lines(tmp_path / "in.jsonl", records)
+    common = ["--config", "generate_demo", "--set", f"generate.input={inp}", "--set", "generate.max_new_tokens=6",
+              "--set", "generate.shard_size=3", "--set", "generate.batch_size=2", "--set", "generate.progress=false",
+              "--set", f"generate.split={split}"]
+    one = run_cli(*common, "--set", f"run_dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+
+    port = free_port()
+    procs = [launch(*common, "--set", f"run_dir={tmp_path / 'two'}", "--set", f"distributed.coordinator=127.0.0.1:{port}",
+                    "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}", cwd=tmp_path)
+             for i in range(2)]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    out = tmp_path / "two" / "generate"
+    report = json.loads((out / "report.json").read_text())
+    assert report["process_count"] == 2 and report["shards"] == 8 and report["shards_this_process"] == 4
+    assert report["shards_generated"] == 4  # process 0 did its half; process 1 the rest
+    assert (out / "output.jsonl").read_bytes() == (tmp_path / "one" / "generate" / "output.jsonl").read_bytes()

@@ -1,0 +1,1 @@
+"""Inference: batched KV-cache generation, log-likelihood scoring and the `generate` job."""

@@ -1,0 +1,99 @@
+"""Log-likelihood of continuations given prompts: per row sum and mean over the continuation
+tokens, plus whether greedy decoding would have produced the continuation (lm-eval's
+`is_greedy`), batched and bucketed like generation.
+
+Each row is `prompt + continuation`, right-padded (segment 0) to a bucket length; one full
+forward gives log p(token t+1 | tokens <= t) for every position, of which the continuation's are
+summed. Prompts longer than fits lose their beginning (the continuation is always kept whole).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xinst_jax.config import ModelConfig
+from xinst_jax.infer.decode_model import full_logits
+
+if TYPE_CHECKING:
+    from xinst_jax.infer.generate import Engine
+
+
+@dataclasses.dataclass
+class ScoreOutput:
+    sum_logprob: np.ndarray  # [N] float64: sum over continuation tokens of log p
+    mean_logprob: np.ndarray  # [N]: sum / num_tokens
+    num_tokens: np.ndarray  # [N] int: continuation tokens scored
+    is_greedy: np.ndarray  # [N] bool: every continuation token was the argmax
+    token_logprobs: list[np.ndarray]  # per row, log p of each continuation token
+    truncated: np.ndarray  # [N] bool: the prompt lost its beginning to fit the largest bucket
+
+
+def score_rows(params, tokens, segments, target_mask, cfg: ModelConfig):
+    """`params` in the inference layout (decode_model.prepare_params).
+    tokens/segments/target_mask [B, T]; target_mask[b, t] marks tokens t that are scored
+    (given tokens < t). Returns per-token log p [B, T] (0 where unscored) and greedy hits [B, T]."""
+    b, t = tokens.shape
+    logits = full_logits(params, tokens, segments, cfg)[:, :-1]  # predicts tokens[:, 1:]
+    targets = tokens[:, 1:]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logp = picked - lse
+    greedy = jnp.argmax(logits, axis=-1) == targets
+    mask = target_mask[:, 1:]
+    pad = jnp.zeros((b, 1), logp.dtype)
+    return (jnp.concatenate([pad, jnp.where(mask, logp, 0.0)], axis=1),
+            jnp.concatenate([jnp.ones((b, 1), bool), greedy | ~mask], axis=1))
+
+
+def score_batches(engine: "Engine", prompts: Sequence[Sequence[int]],
+                  continuations: Sequence[Sequence[int]]) -> ScoreOutput:
+    from xinst_jax.infer.generate import pick_bucket
+
+    n = len(prompts)
+    if len(continuations) != n:
+        raise ValueError(f"{len(continuations)} continuations for {n} prompts")
+    max_len = engine.score_buckets[-1]
+    rows = []
+    truncated = np.zeros((n,), bool)
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        p, c = list(p), list(c)
+        if not p:
+            raise ValueError(f"prompt {i} is empty: the first continuation token needs context (add a BOS token)")
+        if not c:
+            raise ValueError(f"continuation {i} is empty")
+        if len(c) + 1 > max_len:
+            raise ValueError(f"continuation {i} has {len(c)} tokens; the largest score bucket is {max_len}")
+        keep = max_len - len(c)
+        truncated[i] = len(p) > keep
+        rows.append((p[-keep:], c))
+    order = sorted(range(n), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    token_logprobs: list[np.ndarray] = [np.zeros(0)] * n
+    is_greedy = np.zeros((n,), bool)
+    bsz = engine.batch_size
+    for start in range(0, n, bsz):
+        idx = order[start:start + bsz]
+        t = pick_bucket(max(len(rows[i][0]) + len(rows[i][1]) for i in idx), engine.score_buckets)
+        tokens = np.zeros((bsz, t), np.int32)
+        segments = np.zeros((bsz, t), np.int32)
+        target = np.zeros((bsz, t), bool)
+        for r, i in enumerate(idx):
+            p, c = rows[i]
+            seq = p + c
+            tokens[r, :len(seq)] = seq
+            segments[r, :len(seq)] = 1
+            target[r, len(p):len(seq)] = True
+        logp, greedy = engine._score(engine.params, engine._put(tokens), engine._put(segments), engine._put(target))
+        logp, greedy = np.asarray(logp), np.asarray(greedy)
+        for r, i in enumerate(idx):
+            p, c = rows[i]
+            token_logprobs[i] = logp[r, len(p):len(p) + len(c)].astype(np.float64)
+            is_greedy[i] = bool(greedy[r, len(p):len(p) + len(c)].all())
+    sums = np.array([x.sum() for x in token_logprobs], np.float64)
+    counts = np.array([len(x) for x in token_logprobs], np.int64)
+    return ScoreOutput(sum_logprob=sums, mean_logprob=sums / counts, num_tokens=counts, is_greedy=is_greedy,
+                       token_logprobs=token_logprobs, truncated=truncated)
