@@ -135,11 +135,6 @@ def measure_ours(cfg, params, tokens):
 # --------------------------------------------------------------------------- pieces
 
 
-def _first(x):
-    """attention_block returns (out, (k, v)) since the KV-cache change; plain `out` before it."""
-    return x[0] if isinstance(x, tuple) else x
-
-
 def pieces(cfg, params, torch_model, tokens_np, repeats=5):
     """Per-piece medians (one layer's attention and MLP, the lm_head) for ours and torch."""
     import torch
@@ -159,8 +154,8 @@ def pieces(cfg, params, torch_model, tokens_np, repeats=5):
     kv = jnp.ones((b, t, cfg.num_kv_heads, cfg.head_dim), f32) * 0.1
 
     ours = {
-        "attention (norm+qkv+rope+core+o)": (jax.jit(lambda h, l: _first(attention_block(
-            rms_norm(h, l["attn_norm"]["scale"], eps), l["attn"], cos, sin, mask, f32))), (h, layer)),
+        "attention (norm+qkv+rope+core+o)": (jax.jit(lambda h, l: attention_block(
+            rms_norm(h, l["attn_norm"]["scale"], eps), l["attn"], cos, sin, mask, f32)), (h, layer)),
         "  attention core (scores/softmax/PV)": (jax.jit(gqa_attention), (q, kv, kv, mask)),
         "mlp (norm+gate/up/down)": (jax.jit(lambda h, l: mlp_block(
             rms_norm(h, l["mlp_norm"]["scale"], eps), l["mlp"], f32)), (h, layer)),

@@ -120,19 +120,13 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
     return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
-def attention_block(x, p, cos, sin, mask, dtype, kv_cache=None):
-    """Returns (output, (k, v)). With `kv_cache=(k_cache, v_cache, start)` the new keys/values
-    are written into the cache at slot `start` and attention runs over the whole cache."""
+def attention_block(x, p, cos, sin, mask, dtype):
     q = constrain(jnp.einsum("bte,ehd->bthd", x, p["wq"].astype(dtype)), BTHD)
     k = constrain(jnp.einsum("bte,ekd->btkd", x, p["wk"].astype(dtype)), BTKD)
     v = constrain(jnp.einsum("bte,ekd->btkd", x, p["wv"].astype(dtype)), BTKD)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv_cache is not None:
-        k_cache, v_cache, start = kv_cache
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
-    out = gqa_attention(q, k.astype(dtype), v.astype(dtype), mask)
-    return constrain(jnp.einsum("bthd,hde->bte", out, p["wo"].astype(dtype)), BTE), (k, v)
+    out = gqa_attention(q, k, v, mask)
+    return constrain(jnp.einsum("bthd,hde->bte", out, p["wo"].astype(dtype)), BTE)
 
 
 def mlp_block(x, p, dtype):
@@ -141,13 +135,12 @@ def mlp_block(x, p, dtype):
     return constrain(jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["w_down"].astype(dtype)), BTE)
 
 
-def decoder_layer(h, layer, cos, sin, mask, cfg: ModelConfig, kv_cache=None):
+def decoder_layer(h, layer, cos, sin, mask, cfg: ModelConfig):
     dtype = DTYPES[cfg.dtype]
     x = rms_norm(h, layer["attn_norm"]["scale"], cfg.norm_eps)
-    attn, kv = attention_block(x, layer["attn"], cos, sin, mask, dtype, kv_cache)
-    h = h + attn
+    h = h + attention_block(x, layer["attn"], cos, sin, mask, dtype)
     x = rms_norm(h, layer["mlp_norm"]["scale"], cfg.norm_eps)
-    return h + mlp_block(x, layer["mlp"], dtype), kv
+    return h + mlp_block(x, layer["mlp"], dtype)
 
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -162,23 +155,16 @@ def _maybe_remat(fn: Callable, remat: str) -> Callable:
     return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=True)
 
 
-def _decoder_stack(params: Params, h, cos, sin, mask, cfg: ModelConfig, cache=None, start=None):
-    """All layers, scanned or unrolled. Returns (h, stacked (k, v) of the cache or None)."""
-    def layer_fn(carry, layer, kv):
-        kv_cache = None if kv is None else (kv[0], kv[1], start)
-        out, new_kv = decoder_layer(carry, layer, cos, sin, mask, cfg, kv_cache)
-        return out, (new_kv if cache is not None else None)
-
-    layer_fn = _maybe_remat(layer_fn, cfg.remat)
-    kv_in = None if cache is None else (cache["k"], cache["v"])
+def _decoder_stack(params: Params, h, cos, sin, mask, cfg: ModelConfig):
+    """All layers, scanned or unrolled over the stacked `layers` axis."""
+    layer_fn = _maybe_remat(functools.partial(decoder_layer, cfg=cfg), cfg.remat)
     if cfg.scan_layers:
-        return jax.lax.scan(lambda carry, xs: layer_fn(carry, xs[0], xs[1]), h, (params["layers"], kv_in))
-    outs = []
+        h, _ = jax.lax.scan(lambda carry, layer: (layer_fn(carry, layer, cos, sin, mask), None), h,
+                            params["layers"])
+        return h
     for i in range(cfg.num_layers):
-        select = functools.partial(lambda i, w: w[i], i)
-        h, kv = layer_fn(h, jax.tree.map(select, params["layers"]), jax.tree.map(select, kv_in))
-        outs.append(kv)
-    return h, (None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *outs))
+        h = layer_fn(h, jax.tree.map(functools.partial(lambda i, w: w[i], i), params["layers"]), cos, sin, mask)
+    return h
 
 
 def _embed(params: Params, tokens, cfg: ModelConfig):
@@ -201,38 +187,8 @@ def forward(params: Params, tokens: jnp.ndarray, positions: jnp.ndarray, segment
     cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg))
     index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     mask = segment_causal_mask(segment_ids, segment_ids, index, index)
-    h, _ = _decoder_stack(params, _embed(params, tokens, cfg), cos, sin, mask, cfg)
+    h = _decoder_stack(params, _embed(params, tokens, cfg), cos, sin, mask, cfg)
     return _logits(params, h, cfg)
-
-
-# --------------------------------------------------------------------------- KV cache
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
-    """Keys/values [layers, batch, max_len, kv_heads, head_dim] and the segment id of every
-    slot (0 = empty, never attended)."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dt = DTYPES[dtype or cfg.dtype]
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
-
-
-def forward_with_cache(params: Params, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray,
-                       cache: dict, start: jnp.ndarray, cfg: ModelConfig,
-                       last_only: bool = False) -> tuple[jnp.ndarray, dict]:
-    """Run T new tokens written at cache slots [start, start+T) (prefill: T = prompt bucket,
-    decode: T = 1). Attention covers every filled slot of the same segment up to the query's slot.
-    Returns logits [B, T or 1, vocab] and the updated cache."""
-    kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))
-    b, t = tokens.shape
-    q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    kv_index = jnp.broadcast_to(jnp.arange(kv_segments.shape[1], dtype=jnp.int32), kv_segments.shape)
-    mask = segment_causal_mask(segment_ids, kv_segments, q_index, kv_index)
-    cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg))
-    h, (k, v) = _decoder_stack(params, _embed(params, tokens, cfg), cos, sin, mask, cfg, cache, start)
-    if last_only:
-        h = h[:, -1:]
-    return _logits(params, h, cfg), {"k": k, "v": v, "segment_ids": kv_segments}
 
 
 def default_positions_and_segments(tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
