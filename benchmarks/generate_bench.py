@@ -72,7 +72,6 @@ if ARGS.xla_flags is not None:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from xinst_jax.convert.hf import import_hf  # noqa: E402
 from xinst_jax.infer import decode_model as dm  # noqa: E402
@@ -335,7 +334,8 @@ def main(args) -> None:
     print("== machine ==")
     print(f"cpu: {cpu_model()} | {cores} logical cores | {cpu_flags()} | {mem_total_gb():.0f} GiB RAM")
     print(f"python {platform.python_version()} | jax {jax.__version__} ({jax.devices()[0].platform}, "
-          f"{jax.device_count()} device) | torch {info['torch']} (own process) | transformers {version('transformers')}")
+          f"{jax.device_count()} device) | torch {info['torch']} (own process) | "
+          f"transformers {version('transformers')}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} | "
           f"load average at start: {loadavg()} (other processes share these cores)")
     if info["probe"]:
@@ -384,12 +384,12 @@ def main(args) -> None:
     for res in results:
         print(f"  {res['name']:36s} {res['tok_s']:8.1f} {res['tok_s_median']:9.1f} {res['prefill_s']:10.3f} "
               f"{res['decode_tok_s']:13.1f} {res['step_ms']:8.1f} {res['cpu_s']:7.1f} {res['weight_mb']:11.0f}")
-    by = {r["name"]: r for r in results}
     print("\n== ratios (generated tokens/s, best vs best) ==")
     for o in results[:len(ours)]:
         for h in results[len(ours):]:
             print(f"  {o['name']:36s} / {h['name']:20s} = {o['tok_s'] / h['tok_s']:.2f}x   "
-                  f"(decode {o['decode_tok_s'] / h['decode_tok_s']:.2f}x, median {o['tok_s_median'] / h['tok_s_median']:.2f}x)")
+                  f"(decode {o['decode_tok_s'] / h['decode_tok_s']:.2f}x, "
+                  f"median {o['tok_s_median'] / h['tok_s_median']:.2f}x)")
 
     ref = tokens[hf32.name]
     print("\n== greedy agreement with transformers fp32 (matched prefix per row, of %d) ==" % n)
@@ -405,8 +405,8 @@ def main(args) -> None:
                 jnp.dtype(side.engine.kv_dtype or "float32").itemsize
             rows = breakdown(side.engine, cfg, b, slots)
             step = rows[0][1]
-            print(f"  {side.name}: weights {side.weight_bytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB per step "
-                  f"-> {(side.weight_bytes + kv_bytes) / step / 1e6:.2f} GB/s at {step:.1f} ms/step")
+            print(f"  {side.name}: weights {side.weight_bytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB "
+                  f"per step -> {(side.weight_bytes + kv_bytes) / step / 1e6:.2f} GB/s at {step:.1f} ms/step")
             for name, ms in rows:
                 print(f"    {name:44s} {ms:8.1f}")
         for h in results[len(ours):]:

@@ -241,8 +241,9 @@ def test_demo_config_runs_offline(tmp_path):
 
 def test_bad_input_through_cli_is_a_report_not_a_traceback(tmp_path):
     inp = write_lines(tmp_path / "in.jsonl", [GOOD[0], "{broken", json.dumps({"id": 3})])
-    proc = run_cli("--config", "generate_demo", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"generate.input={inp}",
-                   "--set", "generate.max_new_tokens=4", "--set", "generate.progress=false", cwd=tmp_path)
+    proc = run_cli("--config", "generate_demo", "--set", f"run_dir={tmp_path / 'run'}",
+                   "--set", f"generate.input={inp}", "--set", "generate.max_new_tokens=4",
+                   "--set", "generate.progress=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "in.jsonl:2: invalid JSON" in proc.stdout and "in.jsonl:3: missing field" in proc.stdout
@@ -305,8 +306,9 @@ def test_two_processes_split_the_input(tmp_path, split):
     assert one.returncode == 0, one.stderr
 
     port = free_port()
-    procs = [launch(*common, "--set", f"run_dir={tmp_path / 'two'}", "--set", f"distributed.coordinator=127.0.0.1:{port}",
-                    "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}", cwd=tmp_path)
+    procs = [launch(*common, "--set", f"run_dir={tmp_path / 'two'}",
+                    "--set", f"distributed.coordinator=127.0.0.1:{port}", "--set", "distributed.num_processes=2",
+                    "--set", f"distributed.process_id={i}", cwd=tmp_path)
              for i in range(2)]
     try:
         results = [p.communicate(timeout=300) for p in procs]

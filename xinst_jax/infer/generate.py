@@ -103,7 +103,6 @@ class Engine:
             if rules is None:
                 raise ValueError("a mesh needs the sharding rules")
             self._batch_sh = batch_sharding(mesh, rules, 1)
-            self._batch_sh2 = batch_sharding(mesh, rules, 2)
             lead = self._batch_sh.spec[0]
             axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
             dp = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
@@ -130,6 +129,7 @@ class Engine:
     def _constrain_cache(self, cache: dict) -> dict:
         if self.mesh is None:
             return cache
+
         def one(value):
             spec = logical_to_spec(cache_logical_axes(), value.shape, self.rules, self.mesh, "kv_cache")
             return jax.lax.with_sharding_constraint(value, NamedSharding(self.mesh, spec))
@@ -153,7 +153,7 @@ class Engine:
 
     def _decode_impl(self, params, cache, logits, history, lengths, done, keys, settings: SamplingSettings):
         """The decode loop. history [B, P+N]: prompts in [0, P), pads after. Returns
-        (generated [B, N], count [B], finish [B])."""
+        (generated [B, N], count [B] (incl. a final stop token), finish [B], loop steps run)."""
         b, s = history.shape
         n_new = settings.max_new_tokens
         p = s - n_new
