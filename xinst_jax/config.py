@@ -181,7 +181,7 @@ class TrainConfig:
     weight_decay_exclude: list[str] = field(default_factory=lambda: ["norm", "bias"])  # path substrings
     clip_grad_norm: float = 1.0  # <= 0 disables
     z_loss: float = 0.0
-    log_every: int = 10
+    log_every: int = 10  # a plain text summary line every N steps (metrics.jsonl gets every step)
     init_from: str = ""  # a Hugging Face Llama directory to start from (else random init)
     export_at_end: bool = False  # write <run_dir>/hf after the last step
     profile_steps: int = 0  # >0: trace this many steps after the first log into <run_dir>/profile

@@ -196,6 +196,11 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
         history.append({"step": step, **metrics})
         logger.log(step, metrics)
         logger.advance()
+        if cfg.train.log_every > 0 and step % cfg.train.log_every == 0:  # a plain line for pod logs
+            logger.write(f"step {step}: loss {metrics['loss']:.4f} | grad norm {metrics['grad_norm']:.3f} | "
+                         f"lr {metrics['learning_rate']:.3g} | {metrics['tokens_per_s']:.0f} tok/s "
+                         f"({metrics['real_tokens_per_s']:.0f} real) | step {step_time * 1e3:.0f} ms | "
+                         f"MFU {metrics['mfu']:.1%}")
 
     try:
         for step in range(start_step, end):
