@@ -75,9 +75,6 @@ class Checkpointer:
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ProcessLocalJsonHandler(),
                            "config": ocp.JsonCheckpointHandler()})
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = False) -> bool:
         data_state = {**data_state, "process_count": jax.process_count()}
         return self.manager.save(step, args=ocp.args.Composite(

@@ -96,7 +96,7 @@ def export_out_dir(cfg: Config) -> Path:
 
 @register_job("export_hf")
 def export_hf_job(cfg: Config) -> None:
-    from xinst_jax.convert.hf import export_hf, iter_hf_names
+    from xinst_jax.convert.hf import export_hf, tensor_maps
 
     export = cfg.export
     if export.max_shard_bytes <= 0:
@@ -116,6 +116,6 @@ def export_hf_job(cfg: Config) -> None:
 
     shards = sorted(out.glob("model*.safetensors"))
     nbytes = sum(f.stat().st_size for f in shards)
-    n_tensors = sum(1 for _ in iter_hf_names(model))
+    n_tensors = len(tensor_maps(model))
     print(f"export_hf: wrote {out}: {n_tensors} tensors in {len(shards)} shard(s), {nbytes / 1e6:.1f} MB "
           f"{export.dtype}, from {source}; load {loaded - start:.1f}s, write {done - loaded:.1f}s", flush=True)

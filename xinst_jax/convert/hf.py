@@ -11,7 +11,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import numpy as np
@@ -289,7 +289,3 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str 
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copy(Path(tokenizer_dir) / name, out / name)
     return out
-
-
-def iter_hf_names(cfg: ModelConfig) -> Iterator[str]:
-    return (m.hf_name for m in tensor_maps(cfg))
