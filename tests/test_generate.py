@@ -112,15 +112,15 @@ def test_greedy_matches_naive_full_forward(model):
     assert out.prompt_lengths == [len(p) for p in prompts] and not any(out.truncated)
 
 
-@pytest.mark.parametrize("transposed", [None, ()], ids=["out_in", "in_out"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_decode_model_logits_match_forward(transposed, tied):
-    """Prefill + decode steps of the inference layout reproduce llama.forward's logits (fp32),
-    with the matrices stored [out, in] (default) or [in, out], tied or untied embeddings."""
-    cfg = tiny_cfg(tie_embeddings=tied)
+@pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["mqa", "gqa", "mha"])
+def test_decode_model_logits_match_forward(tied, kv_heads):
+    """Prefill + decode steps of the inference layout (fused q/k/v grouped by KV head, fused
+    gate/up) reproduce llama.forward's logits (fp32), tied or untied embeddings, MQA/GQA/MHA."""
+    cfg = tiny_cfg(tie_embeddings=tied, num_kv_heads=kv_heads)
     params = tiny_params(cfg, seed=int(tied))
-    prep = dm.prepare_params(params, cfg, transposed=transposed)
-    assert ("wq_t" in prep["layers"][0]["attn"]) == (transposed is None)
+    prep = dm.prepare_params(params, cfg)
+    assert prep["layers"][0]["attn"]["wqkv"].shape == (kv_heads, 4 // kv_heads + 2, cfg.head_dim, cfg.embed_dim)
     assert ("lm_head" in prep) == (not tied)
     seq = random_prompts(cfg.vocab_size, [20], seed=3)[0]
     ref = full_logits_ref(params, cfg, seq)
@@ -148,7 +148,7 @@ def test_bf16_weights_and_cache_stay_close(model):
     outs = {}
     for wd, kv in (("float32", "float32"), ("bfloat16", "bfloat16")):
         prep = dm.prepare_params(params, cfg, wd)
-        assert prep["layers"][0]["mlp"]["w_up_t"].dtype == jnp.dtype(wd)
+        assert prep["layers"][0]["mlp"]["w_gate_up"].dtype == jnp.dtype(wd)
         cache = dm.init_decode_cache(cfg, 1, 16, kv)
         logits, cache = dm.prefill_step(prep, tokens, first, cache, cfg)
         assert cache["k"][0].dtype == jnp.dtype(kv)
@@ -336,10 +336,11 @@ def test_sharded_equals_single_device(model, mesh_kw):
     prompts = random_prompts(cfg.vocab_size, [5, 3, 8, 6, 2, 7, 4, 8, 1, 6], seed=12)
     single = Engine(params, cfg, batch_size=8, buckets=(8,))
     sharded = Engine(params, cfg, mesh=mesh, rules=rules, batch_size=8, buckets=(8,))
-    wq = sharded.params["layers"][0]["attn"]["wq_t"]
-    assert len(wq.sharding.device_set) == 8
-    if mesh_kw["tensor"] > 1:
-        assert "tensor" in str(wq.sharding.spec)
+    layer = sharded.params["layers"][0]
+    for w in (layer["attn"]["wqkv"], layer["mlp"]["w_gate_up"]):
+        assert len(w.sharding.device_set) == 8
+        if mesh_kw["tensor"] > 1:  # tensor parallel over KV heads (fused q/k/v) and mlp units (gate/up)
+            assert w.sharding.spec[0] == "tensor", w.sharding.spec
     for st in (SamplingSettings(max_new_tokens=10, temperature=0.0, no_repeat_ngram=3),
                SamplingSettings(max_new_tokens=10, seed=3)):
         want = single.generate(prompts, st)

@@ -33,85 +33,57 @@ F32 = jnp.float32
 # --------------------------------------------------------------------------- params
 
 
-# Matrices stored [out, in] ("transposed", torch's nn.Linear layout) instead of our [in, out]. With
-# batch-8 decoding every matmul is [8, in] x weight, and XLA:CPU's dot kernels read [out, in] faster:
-# a SmolLM2-135M decode step went 133 -> 116 ms in float32 and 71 -> 61 ms in bfloat16 (same run;
-# benchmarks/generate_bench.py). On TPU/GPU XLA picks the layouts itself; the choice is harmless.
-ALL_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
-
-# Attention projections with (heads, head_dim) flattened into one axis: then no dot can pick
-# another order of the two contracted axes, which makes XLA transpose (copy) the weight per step.
-_FLAT_SHAPES = {
-    "wq": lambda c: (c.embed_dim, c.num_heads * c.head_dim),
-    "wk": lambda c: (c.embed_dim, c.num_kv_heads * c.head_dim),
-    "wv": lambda c: (c.embed_dim, c.num_kv_heads * c.head_dim),
-    "wo": lambda c: (c.num_heads * c.head_dim, c.embed_dim),
-}
-_FLAT_AXES = {"wq": ("embed", "heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"),
-              "wo": ("heads", "embed")}
-T_SUFFIX = "_t"  # a matrix stored [out, in] is keyed name + "_t"
-
-
-def prepare_params(params: dict, cfg: ModelConfig, weight_dtype: str | None = None,
-                   transposed: tuple[str, ...] | None = None) -> dict:
+def prepare_params(params: dict, cfg: ModelConfig, weight_dtype: str | None = None) -> dict:
     """Stacked training params -> inference layout {embed, final_norm, lm_head?, layers: [per layer]}.
 
-    Matrices (and the embedding) are cast to `weight_dtype` (default: the params' own dtype);
-    norm scales stay as they are. Matrices named in `transposed` (default: all of them) are stored
-    [out, in] under `name_t`. Pure: jit it with `out_shardings=` prepared shardings.
+    Per layer: `wqkv` [kv_heads, group + 2, head_dim, embed] (for each KV head: its `group` query
+    heads, then its key, then its value), `wo` [embed, heads, head_dim], `w_gate_up` [mlp, 2, embed],
+    `w_down` [embed, mlp]; `lm_head` [vocab, embed]. Every matrix is [out..., in...]: see `_matmul`.
+    Fusing q/k/v and gate/up makes two big matmuls of five small ones (fewer, larger kernels on CPU);
+    grouping by KV head and interleaving gate/up keeps each tensor-parallel shard self-contained.
+    Matrices (and the embedding) are cast to `weight_dtype` (default: the params' own dtype); norm
+    scales stay as they are. Pure: jit it with `out_shardings=` prepared shardings.
     """
     wd = DTYPES[weight_dtype] if weight_dtype else None
-    if transposed is None:
-        transposed = ALL_MATRICES
+    kv, g, d, e = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
 
     def cast(x):
         return x.astype(wd) if (wd is not None and x.ndim >= 2) else x
 
-    def place(group: dict, name: str, value):
-        if name in transposed:
-            group[name + T_SUFFIX] = value.T
-        else:
-            group[name] = value
-
     out = {"embed": {"embedding": cast(params["embed"]["embedding"])},
            "final_norm": {"scale": params["final_norm"]["scale"]}}
     if "lm_head" in params:
-        out["lm_head"] = {}
-        place(out["lm_head"], "lm_head", cast(params["lm_head"]["kernel"]))
+        out["lm_head"] = {"lm_head": cast(params["lm_head"]["kernel"]).T}
     layers = []
     for i in range(cfg.num_layers):
-        layer = jax.tree.map(lambda x, i=i: cast(x[i]), params["layers"])
-        attn, mlp = {}, {}
-        for name, value in layer["attn"].items():
-            place(attn, name, value.reshape(_FLAT_SHAPES[name](cfg)))
-        for name, value in layer["mlp"].items():
-            place(mlp, name, value)
-        layer["attn"], layer["mlp"] = attn, mlp
-        layers.append(layer)
+        lp = jax.tree.map(lambda x, i=i: cast(x[i]), params["layers"])
+        a, m = lp["attn"], lp["mlp"]
+        q = a["wq"].reshape(e, kv, g, d)
+        k, v = a["wk"].reshape(e, kv, 1, d), a["wv"].reshape(e, kv, 1, d)
+        wqkv = jnp.concatenate([q, k, v], axis=2).transpose(1, 2, 3, 0)  # [KV, G+2, D, E]
+        layers.append({
+            "attn_norm": lp["attn_norm"], "mlp_norm": lp["mlp_norm"],
+            "attn": {"wqkv": wqkv, "wo": a["wo"].transpose(2, 0, 1)},
+            "mlp": {"w_gate_up": jnp.stack([m["w_gate"].T, m["w_up"].T], axis=1), "w_down": m["w_down"].T},
+        })
     out["layers"] = layers
     return out
 
 
+_LAYER_AXES = {
+    "attn_norm": {"scale": ("norm",)}, "mlp_norm": {"scale": ("norm",)},
+    "attn": {"wqkv": ("kv_heads", None, "head_dim", "embed"), "wo": ("embed", "heads", "head_dim")},
+    "mlp": {"w_gate_up": ("mlp", None, "embed"), "w_down": ("embed", "mlp")},
+}
+
+
 def prepared_logical_axes(cfg: ModelConfig, prepared: Any) -> dict:
-    """Logical axes for a tree made by `prepare_params` (its keys say which matrices are transposed)."""
+    """Logical axes for a tree made by `prepare_params`."""
     axes = logical_axes(cfg)
-    per_layer = jax.tree.map(lambda a: a[1:], axes["layers"], is_leaf=lambda x: isinstance(x, tuple))
-    per_layer["attn"] = dict(_FLAT_AXES)
-
-    def resolve(group_axes: dict, group: dict) -> dict:
-        out = {}
-        for key in group:
-            base = key[:-len(T_SUFFIX)] if key.endswith(T_SUFFIX) else key
-            a = group_axes[base]
-            out[key] = tuple(reversed(a)) if key.endswith(T_SUFFIX) else a
-        return out
-
-    result = {"embed": axes["embed"], "final_norm": axes["final_norm"]}
+    result = {"embed": axes["embed"], "final_norm": axes["final_norm"],
+              "layers": [_LAYER_AXES for _ in prepared["layers"]]}
     if "lm_head" in prepared:
-        result["lm_head"] = resolve({"lm_head": axes["lm_head"]["kernel"]}, prepared["lm_head"])
-    result["layers"] = [{"attn_norm": per_layer["attn_norm"], "mlp_norm": per_layer["mlp_norm"],
-                         "attn": resolve(per_layer["attn"], lp["attn"]), "mlp": resolve(per_layer["mlp"], lp["mlp"])}
-                        for lp in prepared["layers"]]
+        result["lm_head"] = {"lm_head": ("vocab", "embed")}
     return result
 
 
@@ -129,16 +101,33 @@ def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int, kv_dtype: str 
 # --------------------------------------------------------------------------- layers
 
 
-def _dot(spec: str, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """Matmul in the weight's dtype, accumulated and returned in float32."""
-    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=F32)
+def _matmul(w: jnp.ndarray, x: jnp.ndarray, contract: int = 1) -> jnp.ndarray:
+    """w [*out, *in] times x [B, T, *in] (the last `contract` axes) -> [B, T, *out] float32.
+
+    The weight is the dot's left operand with its contracted axes last: the form XLA:CPU's dot
+    kernels take as is. As the right operand, XLA adds a transpose that it hoists out of the
+    decode while-loop, i.e. it copies every weight to [in, out] per generate call and then runs the
+    slower [in, out] kernels on every step (bf16 SmolLM2 decode: 40 -> 27 ms/step). Matmul inputs
+    are in the weight's dtype, accumulated in float32.
+    """
+    x = x.astype(w.dtype)
+    dims = (tuple(range(w.ndim - contract, w.ndim)), tuple(range(x.ndim - contract, x.ndim)))
+    y = jax.lax.dot_general(w, x, (dims, ((), ())), preferred_element_type=F32)  # [*out, B, T]
+    n_out = w.ndim - contract
+    return jnp.moveaxis(y, (n_out, n_out + 1), (0, 1))
 
 
-def _proj(x: jnp.ndarray, group: dict, name: str) -> jnp.ndarray:
-    """x [B, T, in] times the matrix `name` of `group`, stored [in, out] or [out, in] (`name_t`)."""
-    if name in group:
-        return _dot("bti,io->bto", x, group[name])
-    return _dot("bti,oi->bto", x, group[name + T_SUFFIX])
+def _write_cache(cache: jnp.ndarray, new: jnp.ndarray, start) -> jnp.ndarray:
+    """cache [B, KV, S, D] with new [B, KV, T, D] written at slot `start`, in place.
+
+    A 16-bit float cache is updated through its uint16 bits: XLA:CPU widens a bfloat16
+    dynamic-update-slice to float32, i.e. converts the whole cache there and back on every step."""
+    new = new.astype(cache.dtype)
+    if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, start, 0))
+    bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(cache, jnp.uint16),
+                                        jax.lax.bitcast_convert_type(new, jnp.uint16), (0, 0, start, 0))
+    return jax.lax.bitcast_convert_type(bits, cache.dtype)
 
 
 def _attention(q, k, v, mask):
@@ -165,29 +154,26 @@ def _layer(h, lp, cos, sin, mask, cfg: ModelConfig, k_cache=None, v_cache=None, 
     """One decoder layer. With a cache, the new keys/values are written at slot `start`; attention
     then covers the whole cache (`attend_cache`, decode) or only the new tokens (prefill into an
     empty cache)."""
-    x = rms_norm(h, lp["attn_norm"]["scale"], cfg.norm_eps)
-    p = lp["attn"]
-    b, t, _ = x.shape
+    b, t, _ = h.shape
     nh, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = _proj(x, p, "wq").reshape(b, t, nh, d)
-    k = _proj(x, p, "wk").reshape(b, t, kv, d)
-    v = _proj(x, p, "wv").reshape(b, t, kv, d)
+    g = nh // kv
+    x = rms_norm(h, lp["attn_norm"]["scale"], cfg.norm_eps)
+    qkv = _matmul(lp["attn"]["wqkv"], x)  # [B, T, KV, G+2, D]
+    q = qkv[:, :, :, :g].reshape(b, t, nh, d)
+    k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, KV, D]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
     if k_cache is not None:
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, start, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start, 0))
+        k_cache, v_cache = _write_cache(k_cache, k, start), _write_cache(v_cache, v, start)
         if attend_cache:
             k, v = k_cache, v_cache
         else:
             k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
     out = _attention(q, k, v, mask)
-    h = h + _proj(out.reshape(b, t, nh * d), p, "wo")
+    h = h + _matmul(lp["attn"]["wo"], out, contract=2)
     x = rms_norm(h, lp["mlp_norm"]["scale"], cfg.norm_eps)
-    m = lp["mlp"]
-    gate = _proj(x, m, "w_gate")
-    up = _proj(x, m, "w_up")
-    h = h + _proj(jax.nn.silu(gate) * up, m, "w_down")
+    gate_up = _matmul(lp["mlp"]["w_gate_up"], x)  # [B, T, M, 2]
+    h = h + _matmul(lp["mlp"]["w_down"], jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1])
     return h, k_cache, v_cache
 
 
@@ -197,9 +183,8 @@ def _embed(prepared, tokens):
 
 def _logits(prepared, h, cfg: ModelConfig):
     h = rms_norm(h, prepared["final_norm"]["scale"], cfg.norm_eps)
-    if cfg.tie_embeddings:
-        return _dot("bte,ve->btv", h, prepared["embed"]["embedding"])
-    return _proj(h, prepared["lm_head"], "lm_head")
+    w = prepared["embed"]["embedding"] if cfg.tie_embeddings else prepared["lm_head"]["lm_head"]
+    return _matmul(w, h)  # [vocab, embed] either way
 
 
 def _stack(prepared, h, positions, mask, cfg: ModelConfig, cache=None, start=None, attend_cache=True):

@@ -82,12 +82,10 @@ class Engine:
 
     def __init__(self, params: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rules: Rules | None = None,
                  batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, kv_dtype: str | None = None,
-                 weight_dtype: str | None = None, score_buckets: Sequence[int] | None = None,
-                 transposed: tuple[str, ...] | None = None):
+                 weight_dtype: str | None = None, score_buckets: Sequence[int] | None = None):
         """`params`: the model's (stacked, training-layout) params, on any device/sharding.
         `weight_dtype`: keep matrices in this dtype for inference (default: as given);
-        `kv_dtype`: the KV cache's dtype (default float32); `transposed`: which matrices to store
-        [out, in] (default: all; the faster layout for XLA:CPU's decode matmuls)."""
+        `kv_dtype`: the KV cache's dtype (default float32)."""
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"prompt buckets must be positive lengths, got {list(buckets)}")
         self.cfg = cfg
@@ -109,11 +107,11 @@ class Engine:
             if self.batch_size % dp:
                 raise ValueError(f"batch_size={self.batch_size} is not divisible by the {dp} data-parallel "
                                  "shards of the mesh (the `batch` rule's axes)")
-        prepare = jax.jit(lambda p: prepare_params(p, cfg, weight_dtype, transposed))
+        prepare = jax.jit(lambda p: prepare_params(p, cfg, weight_dtype))
         if mesh is not None:
             shapes = jax.eval_shape(prepare, params)
             prepared_sh = tree_shardings(prepared_logical_axes(cfg, shapes), shapes, rules, mesh)
-            prepare = jax.jit(lambda p: prepare_params(p, cfg, weight_dtype, transposed), out_shardings=prepared_sh)
+            prepare = jax.jit(lambda p: prepare_params(p, cfg, weight_dtype), out_shardings=prepared_sh)
         self.params = prepare(params)  # the inference layout (per-layer weights); see decode_model
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("settings",))
