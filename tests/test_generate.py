@@ -13,7 +13,7 @@ import pytest
 
 from xinst_jax.config import MeshConfig, ModelConfig
 from xinst_jax.infer import decode_model as dm
-from xinst_jax.infer.generate import Engine, pick_bucket
+from xinst_jax.infer.generate import Engine, decode_segments, pick_bucket
 from xinst_jax.infer.sampling import (SamplingSettings, candidate_scores, choose_tokens, ngram_banned_mask,
                                       process_logits_full, row_keys)
 from xinst_jax.infer.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -173,6 +173,34 @@ def test_no_recompilation_within_a_bucket(model):
     assert engine._prefill._cache_size() == 2 and engine._decode._cache_size() == 2
     assert all(v == 1 for v in engine.trace_counts.values())
     assert len(engine.timings) == 5 and all(t.steps <= 6 for t in engine.timings)
+
+
+def test_decode_segment_plan():
+    assert decode_segments(1, 4, 32) == []  # the only token comes from the prefill
+    assert decode_segments(20, 4, 32) == [20]  # too few steps to split
+    assert decode_segments(129, 4, 32) == [33, 65, 97, 129]
+    assert decode_segments(12, 4, 2) == [3, 6, 9, 12]  # 11 steps: 2 + 3 + 3 + 3
+    assert decode_segments(12, 4, 3) == [4, 8, 12]  # at least 3 steps each: 3 + 4 + 4
+    for n in range(1, 40):
+        ends = decode_segments(n, 5, 2)
+        assert ends == sorted(set(ends)) and (not ends or (ends[-1] == n and ends[0] > 1))
+
+
+def test_segmented_decode_equals_one_cache(model):
+    """A decode loop split into segments whose caches grow between them gives exactly the tokens
+    of one full-length cache: greedy, sampled with no-repeat-ngram, rows stopping early."""
+    cfg, params = model
+    prompts = random_prompts(cfg.vocab_size, [5, 3, 8, 6, 2, 7, 4], seed=21)
+    whole = Engine(params, cfg, batch_size=4, buckets=(8,), max_segments=1)
+    split = Engine(params, cfg, batch_size=4, buckets=(8,), max_segments=4, min_segment_steps=3)
+    assert split.segment_ends(14) == [4, 7, 10, 14] and whole.segment_ends(14) == [14]
+    stop = tuple(int(t) for t in np.unique(np.asarray(prompts[0]))[:3])
+    for st in (SamplingSettings(max_new_tokens=14, temperature=0.0, no_repeat_ngram=0),
+               SamplingSettings(max_new_tokens=14, seed=4, no_repeat_ngram=2, stop_token_ids=stop)):
+        want, got = whole.generate(prompts, st), split.generate(prompts, st)
+        assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons, st
+    assert any(r == "stop" for r in want.finish_reasons)  # early stops crossed segment boundaries too
+    assert all(v == 1 for v in split.trace_counts.values())  # segments live in one compiled loop
 
 
 def test_bucket_choice_and_left_truncation(model):

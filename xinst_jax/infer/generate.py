@@ -22,6 +22,13 @@ where the rules say so: heads, kv_heads, mlp, vocab), batch inputs by `batch_sha
 parallel over rows), and the KV cache is constrained to [batch, kv_heads -> tensor, length,
 head_dim]. Outputs equal the single-device ones (tests/test_generate.py, 8 fake CPU devices).
 
+Attention reads every slot of the cache it is given, so a cache sized for the whole generation
+wastes reads on slots not yet written (half of them on average; on CPU attention cost is linear
+in the cache length). The decode loop therefore runs in segments (`decode_segments`): each
+segment's cache ends just past the last slot that segment writes, and between segments the cache
+is grown by a copy (once per segment, not per step). Each segment is its own `while_loop` in the
+same jit, so a bucket still compiles once; the loop exits early as soon as every row is done.
+
 Scoring (`Engine.score`, see score.py) uses the same prepared params and buckets.
 """
 
@@ -70,6 +77,17 @@ class BatchTiming:
     new_tokens: int  # generated tokens over the real rows
 
 
+def decode_segments(n_new: int, max_segments: int, min_steps: int) -> list[int]:
+    """End (exclusive) of each decode-loop segment over the loop's steps 1 .. n_new-1 (the first
+    token comes from the prefill logits): at most `max_segments`, each at least `min_steps` steps
+    (fewer segments when there are not enough steps), nearly equal. [] when n_new == 1."""
+    steps = n_new - 1
+    if steps <= 0:
+        return []
+    k = max(1, min(max_segments, steps // max(min_steps, 1)))
+    return [1 + (steps * (j + 1)) // k for j in range(k)]
+
+
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     for b in sorted(buckets):
         if length <= b:
@@ -77,15 +95,27 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     return max(buckets)
 
 
+def _grow_cache(cache: dict, length: int) -> dict:
+    """Pad every [B, KV, S, D] buffer with empty slots to `length` (a no-op if already that long)."""
+    def grow(x):
+        extra = length - x.shape[2]
+        return x if extra == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))
+
+    return jax.tree.map(grow, cache)
+
+
 class Engine:
     """Generation and scoring for one model on one mesh (or the default device)."""
 
     def __init__(self, params: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rules: Rules | None = None,
                  batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, kv_dtype: str | None = None,
-                 weight_dtype: str | None = None, score_buckets: Sequence[int] | None = None):
+                 weight_dtype: str | None = None, score_buckets: Sequence[int] | None = None,
+                 max_segments: int = 4, min_segment_steps: int = 32):
         """`params`: the model's (stacked, training-layout) params, on any device/sharding.
         `weight_dtype`: keep matrices in this dtype for inference (default: as given);
-        `kv_dtype`: the KV cache's dtype (default float32)."""
+        `kv_dtype`: the KV cache's dtype (default float32). The decode loop runs in at most
+        `max_segments` segments of at least `min_segment_steps` steps, each with a cache just long
+        enough for it (see the module docstring; 1 = one cache for the whole generation)."""
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"prompt buckets must be positive lengths, got {list(buckets)}")
         self.cfg = cfg
@@ -95,6 +125,10 @@ class Engine:
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         self.score_buckets = tuple(sorted(set(int(b) for b in (score_buckets or self.buckets))))
         self.kv_dtype = kv_dtype or None
+        if max_segments < 1 or min_segment_steps < 1:
+            raise ValueError(f"max_segments and min_segment_steps must be >= 1, got {max_segments}, "
+                             f"{min_segment_steps}")
+        self.max_segments, self.min_segment_steps = int(max_segments), int(min_segment_steps)
         self.trace_counts: Counter = Counter()
         self.timings: list[BatchTiming] = []
         if mesh is not None:
@@ -204,8 +238,21 @@ class Engine:
             return i + 1, cache, history, logits, done, finish, count
 
         carry = (jnp.int32(1), cache, history, logits, done, finish, count)
-        steps, _, history, _, _, finish, count = jax.lax.while_loop(cond, body, carry)
+        for end in self.segment_ends(n_new):
+            i, cache = carry[:2]
+            cache = self._constrain_cache(_grow_cache(cache, self.cache_length(p, end)))
+            carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end), body, (i, cache) + carry[2:])
+        steps, _, history, _, _, finish, count = carry
         return history[:, p:], count, finish, steps
+
+    def segment_ends(self, n_new: int) -> list[int]:
+        return decode_segments(n_new, self.max_segments, self.min_segment_steps)
+
+    @staticmethod
+    def cache_length(bucket: int, end: int) -> int:
+        """Cache slots for decode steps before `end`: step i writes the previous token at slot
+        bucket + i - 1 (the prompt fills slots 0 .. bucket-1)."""
+        return bucket + max(end - 1, 0)
 
     # ----------------------------------------------------------------- host API
 
@@ -258,7 +305,7 @@ class Engine:
         history = np.concatenate([tokens, np.full((bsz, n_new), settings.pad_id, np.int32)], axis=1)
         keys = np.asarray(row_keys(settings.seed, ids.astype(np.uint32)))
         t0 = time.perf_counter()
-        logits, cache = self._prefill(self.params, self._put(tokens), self._put(lengths), max_len=bucket + n_new)
+        logits, cache = self._prefill(self.params, self._put(tokens), self._put(lengths), max_len=self.cache_length(bucket, (self.segment_ends(n_new) or [1])[0]))
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
         out = self._decode(self.params, cache, logits, self._put(history), self._put(lengths), self._put(done),
