@@ -409,6 +409,27 @@ def test_score_matches_full_forward(model):
     assert (out.sum_logprob < 0).all()
 
 
+def test_score_chunks_the_lm_head():
+    """Scoring in lm_head chunks of 5 positions (not dividing the bucket) gives the one-chunk
+    results, and the compiled program's temporaries stay well under the whole logits tensor."""
+    cfg = tiny_cfg(vocab_size=4096)
+    params = tiny_params(cfg, seed=3)
+    prompts = random_prompts(cfg.vocab_size, [9, 4, 30, 17], seed=8)
+    conts = random_prompts(cfg.vocab_size, [6, 20, 3, 11], seed=9)
+    whole = Engine(params, cfg, batch_size=4, buckets=(8,), score_buckets=(48,), score_chunk=47)
+    chunked = Engine(params, cfg, batch_size=4, buckets=(8,), score_buckets=(48,), score_chunk=5)
+    a, b = whole.score(prompts, conts), chunked.score(prompts, conts)
+    np.testing.assert_allclose(b.sum_logprob, a.sum_logprob, atol=1e-5, rtol=0)
+    assert (b.is_greedy == a.is_greedy).all() and (b.num_tokens == a.num_tokens).all()
+    args = [jnp.zeros((4, 48), jnp.int32), jnp.ones((4, 48), jnp.int32), jnp.ones((4, 48), bool)]
+
+    def temp_bytes(engine):
+        return engine._score.lower(engine.params, *args).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 4 * 47 * cfg.vocab_size * 4
+    assert temp_bytes(whole) >= logits_bytes > 4 * temp_bytes(chunked), (temp_bytes(whole), temp_bytes(chunked))
+
+
 def test_greedy_continuation_scores_as_greedy(model):
     cfg, params = model
     prompts = random_prompts(cfg.vocab_size, [4, 7], seed=16)

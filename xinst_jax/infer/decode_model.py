@@ -226,15 +226,21 @@ def decode_step(prepared, tokens, positions, first, cache, slot, cfg: ModelConfi
     return _logits(prepared, h, cfg)[:, 0], cache
 
 
-def full_logits(prepared, tokens, segments, cfg: ModelConfig):
+def final_hidden(prepared, tokens, segments, cfg: ModelConfig):
     """Right-padded rows tokens [B, T] (segment 0 = padding), positions 0.. per row ->
-    logits [B, T, V] float32 (scoring)."""
+    the last layer's hidden states [B, T, embed] float32 (before the final norm); `logits` of
+    them give the next-token logits (scoring)."""
     b, t = tokens.shape
     slot = jnp.arange(t, dtype=jnp.int32)[None, :]
     positions = jnp.broadcast_to(slot, (b, t))
     real = segments != 0
     mask = real[:, :, None] & real[:, None, :] & (slot[:, None, :] <= slot[:, :, None])
     h, _ = _stack(prepared, _embed(prepared, tokens), positions, mask, cfg)
+    return h
+
+
+def logits(prepared, h, cfg: ModelConfig):
+    """Hidden states [B, T, embed] -> logits [B, T, vocab] float32 (final norm, then lm_head)."""
     return _logits(prepared, h, cfg)
 
 

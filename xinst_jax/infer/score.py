@@ -5,6 +5,10 @@ tokens, plus whether greedy decoding would have produced the continuation (lm-ev
 Each row is `prompt + continuation`, right-padded (segment 0) to a bucket length; one full
 forward gives log p(token t+1 | tokens <= t) for every position, of which the continuation's are
 summed. Prompts longer than fits lose their beginning (the continuation is always kept whole).
+
+The [rows, positions, vocab] logits are never held whole: the positions go through the lm_head
+in chunks of `chunk` (a 128k vocabulary at 8 x 2048 positions would be 8.6 GB of float32 logits),
+each chunk reduced to log p of its targets and its argmax before the next.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xinst_jax.config import ModelConfig
-from xinst_jax.infer.decode_model import full_logits
+from xinst_jax.infer import decode_model
 
 if TYPE_CHECKING:
     from xinst_jax.infer.generate import Engine
@@ -33,20 +37,38 @@ class ScoreOutput:
     truncated: np.ndarray  # [N] bool: the prompt lost its beginning to fit the largest bucket
 
 
-def score_rows(params, tokens, segments, target_mask, cfg: ModelConfig):
+def chunk_positions(batch: int, vocab: int, logits_bytes: int) -> int:
+    """Positions per lm_head chunk so that one chunk's float32 logits fit in `logits_bytes`."""
+    return max(1, logits_bytes // (batch * vocab * 4))
+
+
+def score_rows(params, tokens, segments, target_mask, cfg: ModelConfig, chunk: int):
     """`params` in the inference layout (decode_model.prepare_params).
     tokens/segments/target_mask [B, T]; target_mask[b, t] marks tokens t that are scored
-    (given tokens < t). Returns per-token log p [B, T] (0 where unscored) and greedy hits [B, T]."""
+    (given tokens < t). Returns per-token log p [B, T] (0 where unscored) and greedy hits [B, T].
+    `chunk`: positions per lm_head chunk (see the module docstring)."""
     b, t = tokens.shape
-    logits = full_logits(params, tokens, segments, cfg)[:, :-1]  # predicts tokens[:, 1:]
+    h = decode_model.final_hidden(params, tokens, segments, cfg)[:, :-1]  # predicts tokens[:, 1:]
     targets = tokens[:, 1:]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logp = picked - lse
-    greedy = jnp.argmax(logits, axis=-1) == targets
+    chunk = max(1, min(chunk, t - 1))
+    n = -(-(t - 1) // chunk)
+    pad = n * chunk - (t - 1)
+
+    def per_chunk(args):
+        h_c, tgt_c = args  # [B, chunk, E], [B, chunk]
+        lg = decode_model.logits(params, h_c, cfg)
+        picked = jnp.take_along_axis(lg, tgt_c[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(lg, axis=-1), jnp.argmax(lg, axis=-1) == tgt_c
+
+    def to_chunks(x):  # [B, T-1, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+    logp, greedy = jax.lax.map(per_chunk, (to_chunks(h), to_chunks(targets)))
+    logp, greedy = (jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t - 1] for x in (logp, greedy))
     mask = target_mask[:, 1:]
-    pad = jnp.zeros((b, 1), logp.dtype)
-    return (jnp.concatenate([pad, jnp.where(mask, logp, 0.0)], axis=1),
+    first = jnp.zeros((b, 1), logp.dtype)
+    return (jnp.concatenate([first, jnp.where(mask, logp, 0.0)], axis=1),
             jnp.concatenate([jnp.ones((b, 1), bool), greedy | ~mask], axis=1))
 
 
