@@ -12,12 +12,15 @@ both alike; the best (min) and median are reported. Reported separately: compile
 prefill time, and decode tokens/s (tokens after the first / decode time).
 
 Prompts are left-padded to the next multiple of 16 (the engine's bucket; HF pads to the longest
-prompt). Our engine runs with float32 weights (the same numbers as transformers' float32 model) and with
-bfloat16 weights + KV cache (matmuls take bf16 inputs and accumulate in f32; on CPUs with
-AVX512-BF16/AMX this is the fast path). transformers runs in float32 (its CPU default) and, with
---hf-bf16, in bfloat16 too. transformers runs in its own process (two thread pools in one process
-fight over the cores) and gets its best thread count: before every timed run a short probe at 1
-thread and at all cores picks one (on busy cores OpenMP's spin-waiting threads can crawl).
+prompt). Both sides run at both precisions, and the ratios that count are same precision:
+- float32: our float32 weights + KV cache vs transformers' float32 model (the same numbers; the
+  greedy tokens must agree, and do);
+- bfloat16: our bfloat16 weights + KV cache (matmuls take bf16 inputs and accumulate in f32) vs
+  transformers' bfloat16 model, which is what transformers 5 runs by default for this checkpoint
+  (`from_pretrained` takes the dtype named in its config.json, bfloat16 for SmolLM2).
+transformers runs in its own process (two thread pools in one process fight over the cores) and
+gets its best thread count: before every timed run a short probe at 1 thread and at all cores
+picks one (on busy cores OpenMP's spin-waiting threads can crawl).
 
 The "where the time goes" section times one decode step's pieces (all layers, the lm_head, the
 attention over the cache) and relates the step time to the bytes a step must read (weights + KV
@@ -57,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="timed generate calls per configuration")
     p.add_argument("--dtypes", default="float32,bfloat16", help="our weight (and KV-cache) dtypes to run")
-    p.add_argument("--hf-bf16", action="store_true", help="also time transformers with a bfloat16 model")
+    p.add_argument("--no-hf-bf16", dest="hf_bf16", action="store_false",
+                   help="skip transformers' bfloat16 model (its default dtype for SmolLM2)")
     p.add_argument("--torch-threads", default="auto", help="'auto' (probe 1 and all cores) or a number")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-piece decode-step timing")
     p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this process (default: environment)")
@@ -292,25 +296,34 @@ def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> 
 
     def layers_only(prep, cache, h):
         cos, sin = jnp.ones((batch, 1, cfg.head_dim // 2)), jnp.zeros((batch, 1, cfg.head_dim // 2))
+        ks, vs = [], []
         for i, lp in enumerate(prep["layers"]):
-            h, _, _ = dm._layer(h, lp, cos, sin, mask, cfg, cache["k"][i], cache["v"][i], slot)
-        return h
+            h, k, v = dm._layer(h, lp, cos, sin, mask, cfg, cache["k"][i], cache["v"][i], slot)
+            ks.append(k)
+            vs.append(v)
+        return h, {"k": ks, "v": vs}
 
+    # (fn, args, index of a cache argument that fn returns second and that is donated: updated in
+    # place as in the decode loop, not copied whole per call)
     pieces = {
-        "decode step (all)": (jax.jit(lambda p, c: dm.decode_step(p, tok, pos, first, c, slot, cfg)[0]), (prep, cache)),
-        f"  {cfg.num_layers} layers (incl. cache attention)": (jax.jit(layers_only), (prep, cache, h)),
-        "  lm_head (final norm + logits)": (jax.jit(lambda p, h: dm._logits(p, h, cfg)), (prep, h)),
+        "decode step (all)": (jax.jit(lambda p, c: dm.decode_step(p, tok, pos, first, c, slot, cfg), donate_argnums=1),
+                              [prep, cache], 1),
+        f"  {cfg.num_layers} layers (incl. cache attention)": (jax.jit(layers_only, donate_argnums=1),
+                                                               [prep, dm.init_decode_cache(cfg, batch, slots, kv), h], 1),
+        "  lm_head (final norm + logits)": (jax.jit(lambda p, h: dm._logits(p, h, cfg)), [prep, h], None),
         f"  attention core over {slots} slots x {cfg.num_layers}": (
-            jax.jit(lambda q, c: [dm._attention(q, k, v, mask) for k, v in zip(c["k"], c["v"])]), (q, cache)),
+            jax.jit(lambda q, c: [dm._attention(q, k, v, mask) for k, v in zip(c["k"], c["v"])]),
+            [q, dm.init_decode_cache(cfg, batch, slots, kv)], None),
     }
     out = []
-    for name, (fn, args) in pieces.items():
-        jax.block_until_ready(fn(*args))
+    for name, (fn, args, carried) in pieces.items():
         ts = []
-        for _ in range(repeats):
+        for i in range(repeats + 1):  # the first call compiles
             with Measure() as m:
-                jax.block_until_ready(fn(*args))
-            ts.append(m.wall)
+                result = jax.block_until_ready(fn(*args))
+            if carried is not None:
+                args[carried] = result[1]
+            ts.append(m.wall if i else float("inf"))
         out.append((name, 1e3 * min(ts)))
     return out
 
@@ -387,9 +400,10 @@ def main(args) -> None:
     print("\n== ratios (generated tokens/s, best vs best) ==")
     for o in results[:len(ours)]:
         for h in results[len(ours):]:
+            same = "  <- same precision" if o["name"].split()[1] == h["name"].split()[1] else ""
             print(f"  {o['name']:36s} / {h['name']:20s} = {o['tok_s'] / h['tok_s']:.2f}x   "
                   f"(decode {o['decode_tok_s'] / h['decode_tok_s']:.2f}x, "
-                  f"median {o['tok_s_median'] / h['tok_s_median']:.2f}x)")
+                  f"median {o['tok_s_median'] / h['tok_s_median']:.2f}x){same}")
 
     ref = tokens[hf32.name]
     print("\n== greedy agreement with transformers fp32 (matched prefix per row, of %d) ==" % n)
