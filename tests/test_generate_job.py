@@ -204,6 +204,13 @@ def test_missing_input_is_a_config_error(tmp_path):
         run_generate(job_config(tmp_path, tmp_path / "nope.jsonl"))
 
 
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("shard_size", 0), ("decode_segments", 0)])
+def test_bad_engine_settings_are_config_errors(tmp_path, key, value):
+    path = write_lines(tmp_path / "in.jsonl", ['{"id": 1, "prompt": "p"}'])
+    with pytest.raises(ConfigError, match=f"generate.{key}: must be >= 1, got {value}"):
+        run_generate(job_config(tmp_path, path, f"generate.{key}={value}"))
+
+
 # --------------------------------------------------------------------------- through the entry point
 
 

@@ -120,6 +120,7 @@ class GenerateConfig:
     prompt_buckets: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # longer prompts lose their start
     weight_dtype: Literal["", "float32", "bfloat16"] = ""  # "": as loaded (model.param_dtype)
     kv_dtype: Literal["", "float32", "bfloat16"] = ""  # "": float32
+    decode_segments: int = 4  # the decode loop runs in up to this many segments, its KV cache growing between them (1: one full-length cache)
     seed: int = 0  # sampling seed; a record's sample depends only on (seed, its index in the input)
     shard_size: int = 64  # records per output shard: the unit of resume
     split: Literal["contiguous", "strided"] = "contiguous"  # shards per process: a contiguous range, or i::n

@@ -305,6 +305,8 @@ def _validate(cfg: Config) -> Path:
         raise ConfigError(f"generate.batch_size: must be >= 1, got {gen.batch_size}")
     if gen.shard_size < 1:
         raise ConfigError(f"generate.shard_size: must be >= 1, got {gen.shard_size}")
+    if gen.decode_segments < 1:
+        raise ConfigError(f"generate.decode_segments: must be >= 1, got {gen.decode_segments}")
     if not gen.prompt_buckets or any(b < 1 for b in gen.prompt_buckets):
         raise ConfigError(f"generate.prompt_buckets: expected positive lengths, got {gen.prompt_buckets}")
     path = Path(gen.input) if gen.input else DEMO_PROMPTS
@@ -365,7 +367,7 @@ def run_generate(cfg: Config) -> dict:
         try:
             engine = Engine(params, model, mesh=mesh, rules=rules, batch_size=gen.batch_size,
                             buckets=gen.prompt_buckets, kv_dtype=gen.kv_dtype or None,
-                            weight_dtype=gen.weight_dtype or None)
+                            weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments)
         except ValueError as e:
             raise ConfigError(f"generate: {e}") from None
         del params
