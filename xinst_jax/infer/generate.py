@@ -308,8 +308,10 @@ class Engine:
         n_new = settings.max_new_tokens
         history = np.concatenate([tokens, np.full((bsz, n_new), settings.pad_id, np.int32)], axis=1)
         keys = np.asarray(row_keys(settings.seed, ids.astype(np.uint32)))
+        first_segment_end = (self.segment_ends(n_new) or [1])[0]
         t0 = time.perf_counter()
-        logits, cache = self._prefill(self.params, self._put(tokens), self._put(lengths), max_len=self.cache_length(bucket, (self.segment_ends(n_new) or [1])[0]))
+        logits, cache = self._prefill(self.params, self._put(tokens), self._put(lengths),
+                                      max_len=self.cache_length(bucket, first_segment_end))
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
         out = self._decode(self.params, cache, logits, self._put(history), self._put(lengths), self._put(done),
