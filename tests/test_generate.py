@@ -362,8 +362,10 @@ def test_sharded_equals_single_device(model, mesh_kw):
     mesh = make_mesh(mesh_cfg)
     rules = parse_rules(mesh_cfg.rules)
     prompts = random_prompts(cfg.vocab_size, [5, 3, 8, 6, 2, 7, 4, 8, 1, 6], seed=12)
-    single = Engine(params, cfg, batch_size=8, buckets=(8,))
-    sharded = Engine(params, cfg, mesh=mesh, rules=rules, batch_size=8, buckets=(8,))
+    segs = dict(max_segments=3, min_segment_steps=3)  # the cache grows twice while sharded
+    single = Engine(params, cfg, batch_size=8, buckets=(8,), **segs)
+    sharded = Engine(params, cfg, mesh=mesh, rules=rules, batch_size=8, buckets=(8,), **segs)
+    assert sharded.segment_ends(10) == [4, 7, 10]
     layer = sharded.params["layers"][0]
     for w in (layer["attn"]["wqkv"], layer["mlp"]["w_gate_up"]):
         assert len(w.sharding.device_set) == 8
