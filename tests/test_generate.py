@@ -309,9 +309,19 @@ def test_candidates_equal_full_processing():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(5, 200)).astype(np.float32) * 3)
     banned = jnp.asarray(rng.random((5, 200)) < 0.1)
-    for st in (SamplingSettings(), SamplingSettings(temperature=1.3, top_k=7, top_p=0.5),
-               SamplingSettings(top_k=0, top_p=0.8), SamplingSettings(top_k=20, top_p=1.0)):
+    tied = np.asarray(logits).copy()
+    tied[:, 10:14] = 30.0  # rows 1-4: four tokens tie at the top; top_k=2 must keep all four, as HF does
+    tied[0, 20:25] = 40.0 + np.arange(5)  # row 0: the 5 best are distinct
+    unbanned = banned.at[:, 10:25].set(False)
+    cases = [(logits, st) for st in (SamplingSettings(), SamplingSettings(temperature=1.3, top_k=7, top_p=0.5),
+                                     SamplingSettings(top_k=0, top_p=0.8), SamplingSettings(top_k=20, top_p=1.0))]
+    cases += [(jnp.asarray(tied), SamplingSettings(top_k=2, top_p=1.0)), (jnp.asarray(tied), SamplingSettings(top_k=2))]
+    for logits, st in cases:
+        if st.top_k == 2:
+            banned = unbanned
         full = np.asarray(process_logits_full(logits, st, banned))
+        if st.top_k == 2 and st.top_p == 1.0:
+            assert (np.isfinite(full).sum(axis=1) == [2, 4, 4, 4, 4]).all()  # the reference keeps the ties
         values, ids = candidate_scores(logits, st, banned)
         scattered = np.full_like(full, -np.inf)
         np.put_along_axis(scattered, np.asarray(ids), np.asarray(values), axis=-1)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+TIE_SLOTS = 8  # candidates beyond top-k kept for exact ties with the k-th score (HF keeps them all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +140,11 @@ def candidate_scores(logits: jnp.ndarray, settings: SamplingSettings, banned: jn
                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The processed distribution over its only possible survivors: (scores [B, K], token ids [B, K]).
 
-    With top-k on, only the k best can survive, so temperature and top-p run on those k (in
-    descending order; top-p's ascending cumulative sum is taken over the reversed order). The
-    result equals `process_logits_full` scattered back (tests check). Ties with the k-th score
-    beyond the k slots (HF keeps them) are astronomically rare on float logits and ignored here.
+    With top-k on, only the k best can survive (plus HF's ties with the k-th score), so
+    temperature and top-p run on the k + TIE_SLOTS best (in descending order; top-p's ascending
+    cumulative sum is taken over the reversed order), those below the k-th score masked. The
+    result equals `process_logits_full` scattered back (tests check, ties included) unless more
+    than TIE_SLOTS other tokens tie exactly with the k-th score.
     """
     scores = logits.astype(jnp.float32)
     if banned is not None:
@@ -150,7 +152,9 @@ def candidate_scores(logits: jnp.ndarray, settings: SamplingSettings, banned: jn
     if settings.temperature != 1.0:
         scores = scores / settings.temperature
     if settings.top_k > 0:
-        values, ids = jax.lax.top_k(scores, min(settings.top_k, scores.shape[-1]))  # descending
+        k = min(settings.top_k, scores.shape[-1])
+        values, ids = jax.lax.top_k(scores, min(k + TIE_SLOTS, scores.shape[-1]))  # descending
+        values = jnp.where(values < values[..., k - 1:k], NEG_INF, values)  # keep ties with the k-th, as HF
     else:
         ids = jnp.argsort(-scores, axis=-1, stable=True)
         values = jnp.take_along_axis(scores, ids, axis=-1)
