@@ -7,9 +7,11 @@
 Attention reads every slot of the cache it is given. With one cache sized for the whole
 generation (`max_segments=1`, the baseline), every step reads the empty tail too. With segments,
 each part of the loop reads a cache that ends just past the slots it writes (xinst_jax/infer/
-generate.py). Both engines decode the same batch greedily, alternating, and must produce the same
-tokens. The model is the SmolLM2-135M shape with random weights: speed does not depend on the
-values, and nothing is downloaded.
+generate.py). Both engines decode the same batch greedily, alternating; how many leading tokens
+per row agree is printed (attention sums over a different number of masked slots, so float
+rounding differs, and random weights give near-tied logits that such rounding can flip; the
+tests check exact equality on a model without near-ties). The model is the SmolLM2-135M shape
+with random weights: speed does not depend on the values, and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def main() -> None:
     print(f"SmolLM2-135M shape, random {args.dtype} weights + KV cache | batch {args.batch}, prompts "
           f"{min(len(x) for x in prompts)}-{max(len(x) for x in prompts)} tokens, {n} new tokens")
     reference = {k: e.generate(prompts, settings).tokens for k, e in engines.items()}  # compiles
-    assert reference[1] == reference[args.segments], "segmented decoding changed the tokens"
+    same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+            for x, y in zip(reference[1], reference[args.segments])]
+    print(f"tokens equal to the one-cache run, per row (of {n}): {same}")
     decode: dict[int, list[float]] = {k: [] for k in engines}
     for _ in range(args.repeats):
         for k, engine in engines.items():
@@ -73,7 +77,7 @@ def main() -> None:
         lengths = [engine.cache_length(bucket, e) for e in ends]
         print(f"  max_segments={k}: cache lengths {lengths} | decode {ms[k]:.1f} ms/step "
               f"(median {1e3 * statistics.median(decode[k]) / (n - 1):.1f})")
-    print(f"segmented / one cache: {ms[1] / ms[args.segments]:.2f}x faster per decode step (same tokens)")
+    print(f"segmented / one cache: {ms[1] / ms[args.segments]:.2f}x faster per decode step")
 
 
 if __name__ == "__main__":
