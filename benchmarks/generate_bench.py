@@ -310,7 +310,7 @@ def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> 
                               [prep, cache], 1),
         f"  {cfg.num_layers} layers (incl. cache attention)": (jax.jit(layers_only, donate_argnums=1),
                                                                [prep, dm.init_decode_cache(cfg, batch, slots, kv), h], 1),
-        "  lm_head (final norm + logits)": (jax.jit(lambda p, h: dm._logits(p, h, cfg)), [prep, h], None),
+        "  lm_head (final norm + logits)": (jax.jit(lambda p, h: dm.logits(p, h, cfg)), [prep, h], None),
         f"  attention core over {slots} slots x {cfg.num_layers}": (
             jax.jit(lambda q, c: [dm._attention(q, k, v, mask) for k, v in zip(c["k"], c["v"])]),
             [q, dm.init_decode_cache(cfg, batch, slots, kv)], None),

@@ -181,7 +181,8 @@ def _embed(prepared, tokens):
     return jnp.take(prepared["embed"]["embedding"], tokens, axis=0).astype(F32)
 
 
-def _logits(prepared, h, cfg: ModelConfig):
+def logits(prepared, h, cfg: ModelConfig):
+    """Hidden states [B, T, embed] -> logits [B, T, vocab] float32 (final norm, then lm_head)."""
     h = rms_norm(h, prepared["final_norm"]["scale"], cfg.norm_eps)
     w = prepared["embed"]["embedding"] if cfg.tie_embeddings else prepared["lm_head"]["lm_head"]
     return _matmul(w, h)  # [vocab, embed] either way
@@ -213,7 +214,7 @@ def prefill_step(prepared, tokens, first, cache, cfg: ModelConfig):
     mask = real[:, :, None] & real[:, None, :] & (slot[:, None, :] <= slot[:, :, None])
     h, cache = _stack(prepared, _embed(prepared, tokens), positions, mask, cfg, cache, jnp.int32(0),
                       attend_cache=False)
-    return _logits(prepared, h[:, -1:], cfg)[:, 0], cache
+    return logits(prepared, h[:, -1:], cfg)[:, 0], cache
 
 
 def decode_step(prepared, tokens, positions, first, cache, slot, cfg: ModelConfig):
@@ -223,7 +224,7 @@ def decode_step(prepared, tokens, positions, first, cache, slot, cfg: ModelConfi
     kv_slot = jnp.arange(s, dtype=jnp.int32)[None, :]
     mask = ((kv_slot >= first[:, None]) & (kv_slot <= slot))[:, None, :]
     h, cache = _stack(prepared, _embed(prepared, tokens), positions, mask, cfg, cache, slot)
-    return _logits(prepared, h, cfg)[:, 0], cache
+    return logits(prepared, h, cfg)[:, 0], cache
 
 
 def final_hidden(prepared, tokens, segments, cfg: ModelConfig):
@@ -237,11 +238,6 @@ def final_hidden(prepared, tokens, segments, cfg: ModelConfig):
     mask = real[:, :, None] & real[:, None, :] & (slot[:, None, :] <= slot[:, :, None])
     h, _ = _stack(prepared, _embed(prepared, tokens), positions, mask, cfg)
     return h
-
-
-def logits(prepared, h, cfg: ModelConfig):
-    """Hidden states [B, T, embed] -> logits [B, T, vocab] float32 (final norm, then lm_head)."""
-    return _logits(prepared, h, cfg)
 
 
 def param_bytes(prepared: Any) -> int:

@@ -301,12 +301,9 @@ def output_text(tokenizer, tokens: list[int], finish: str, settings, stop_string
 
 def _validate(cfg: Config) -> Path:
     gen = cfg.generate
-    if gen.batch_size < 1:
-        raise ConfigError(f"generate.batch_size: must be >= 1, got {gen.batch_size}")
-    if gen.shard_size < 1:
-        raise ConfigError(f"generate.shard_size: must be >= 1, got {gen.shard_size}")
-    if gen.decode_segments < 1:
-        raise ConfigError(f"generate.decode_segments: must be >= 1, got {gen.decode_segments}")
+    for key in ("batch_size", "shard_size", "decode_segments"):
+        if getattr(gen, key) < 1:
+            raise ConfigError(f"generate.{key}: must be >= 1, got {getattr(gen, key)}")
     if not gen.prompt_buckets or any(b < 1 for b in gen.prompt_buckets):
         raise ConfigError(f"generate.prompt_buckets: expected positive lengths, got {gen.prompt_buckets}")
     path = Path(gen.input) if gen.input else DEMO_PROMPTS
