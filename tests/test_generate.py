@@ -428,8 +428,9 @@ def test_score_chunks_the_lm_head():
     params = tiny_params(cfg, seed=3)
     prompts = random_prompts(cfg.vocab_size, [9, 4, 30, 17], seed=8)
     conts = random_prompts(cfg.vocab_size, [6, 20, 3, 11], seed=9)
-    whole = Engine(params, cfg, batch_size=4, buckets=(8,), score_buckets=(48,), score_chunk=47)
-    chunked = Engine(params, cfg, batch_size=4, buckets=(8,), score_buckets=(48,), score_chunk=5)
+    position_bytes = 4 * cfg.vocab_size * 4  # one position's float32 logits over the batch of 4
+    whole = Engine(params, cfg, batch_size=4, buckets=(8,), score_buckets=(48,), score_logits_bytes=47 * position_bytes)
+    chunked = Engine(params, cfg, batch_size=4, buckets=(8,), score_buckets=(48,), score_logits_bytes=5 * position_bytes)
     a, b = whole.score(prompts, conts), chunked.score(prompts, conts)
     np.testing.assert_allclose(b.sum_logprob, a.sum_logprob, atol=1e-5, rtol=0)
     assert (b.is_greedy == a.is_greedy).all() and (b.num_tokens == a.num_tokens).all()

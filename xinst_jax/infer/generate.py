@@ -110,15 +110,14 @@ class Engine:
     def __init__(self, params: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rules: Rules | None = None,
                  batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, kv_dtype: str | None = None,
                  weight_dtype: str | None = None, score_buckets: Sequence[int] | None = None,
-                 max_segments: int = 4, min_segment_steps: int = 32, score_logits_bytes: int = 256 << 20,
-                 score_chunk: int | None = None):
+                 max_segments: int = 4, min_segment_steps: int = 32, score_logits_bytes: int = 256 << 20):
         """`params`: the model's (stacked, training-layout) params, on any device/sharding.
         `weight_dtype`: keep matrices in this dtype for inference (default: as given);
         `kv_dtype`: the KV cache's dtype (default float32). The decode loop runs in at most
         `max_segments` segments of at least `min_segment_steps` steps, each with a cache just long
         enough for it (see the module docstring; 1 = one cache for the whole generation).
         Scoring runs the lm_head over positions in chunks whose float32 logits fit in
-        `score_logits_bytes` (or exactly `score_chunk` positions per chunk, when given)."""
+        `score_logits_bytes`."""
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"prompt buckets must be positive lengths, got {list(buckets)}")
         self.cfg = cfg
@@ -132,7 +131,7 @@ class Engine:
             raise ValueError(f"max_segments and min_segment_steps must be >= 1, got {max_segments}, "
                              f"{min_segment_steps}")
         self.max_segments, self.min_segment_steps = int(max_segments), int(min_segment_steps)
-        self.score_logits_bytes, self.score_chunk = int(score_logits_bytes), score_chunk
+        self.score_logits_bytes = int(score_logits_bytes)
         self.trace_counts: Counter = Counter()
         self.timings: list[BatchTiming] = []
         if mesh is not None:
@@ -328,7 +327,7 @@ class Engine:
         from xinst_jax.infer.score import chunk_positions, score_rows
 
         self.trace_counts[("score",) + tuple(tokens.shape)] += 1
-        chunk = self.score_chunk or chunk_positions(tokens.shape[0], self.cfg.vocab_size, self.score_logits_bytes)
+        chunk = chunk_positions(tokens.shape[0], self.cfg.vocab_size, self.score_logits_bytes)
         return score_rows(params, tokens, segments, target_mask, self.cfg, chunk)
 
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]):
