@@ -129,7 +129,7 @@ def test_decode_model_logits_match_forward(tied, kv_heads):
     tokens[0, pad:] = seq[:p - pad]
     first = jnp.asarray([pad], jnp.int32)
     cache = dm.init_decode_cache(cfg, 1, p + 12)
-    logits, cache = dm.prefill_step(prep, jnp.asarray(tokens), first, cache, cfg)
+    logits, cache = dm.prefill_step(prep, dm.pack_prompts(tokens, [p - pad], 1, 0), first, cache, cfg)
     got = [np.asarray(logits[0])]
     for i in range(p - pad, len(seq) - 1):
         slot = jnp.int32(pad + i)
@@ -140,17 +140,71 @@ def test_decode_model_logits_match_forward(tied, kv_heads):
     assert np.abs(ref).max() > 1.0  # O(1) logits: the bound is meaningful
 
 
+def test_pack_prompts_layout():
+    """Prompts packed end to end per pack, with the maps between packed tokens and padded slots."""
+    p = 6
+    lengths = [3, 0, 6, 1]  # an empty (batch-padding) row included
+    tokens = np.zeros((4, p), np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, p - n:] = 10 * (b + 1) + np.arange(n)
+    r = dm.pack_prompts(tokens, lengths, packs=2, pad_id=-1)
+    assert r.tokens.shape == (2, 12)  # totals 3 and 7 -> 16 tokens, capped at the padded 2 rows x 6 slots
+    assert r.tokens[0, :4].tolist() == [10, 11, 12, -1] and r.tokens[1, :8].tolist() == [30, 31, 32, 33, 34, 35, 40, -1]
+    assert r.positions[1, :7].tolist() == [0, 1, 2, 3, 4, 5, 0] and r.positions[0, :3].tolist() == [0, 1, 2]
+    assert r.slot_of_token[0, :3].tolist() == [3, 4, 5] and r.slot_of_token[1, :7].tolist() == [0, 1, 2, 3, 4, 5, 11]
+    assert r.token_of_slot[0, 3:6].tolist() == [0, 1, 2] and r.token_of_slot[1, 11] == 6
+    assert r.last.tolist() == [[2, 0], [5, 6]]
+    for b in range(4):  # every real slot maps to its own token and back
+        pack, row = divmod(b, 2)
+        for s in range(p - lengths[b], p):
+            i = r.token_of_slot[pack, row * p + s]
+            assert r.tokens[pack, i] == tokens[b, s] and r.slot_of_token[pack, i] == row * p + s
+    assert [dm.packed_length(n, 10_000) for n in (1, 16, 17, 20, 21, 215, 256, 257)] == [16, 16, 20, 20, 24, 224, 256, 320]
+    assert dm.packed_length(215, 200) == 200
+    with pytest.raises(ValueError, match="3 rows do not split into 2 packs"):
+        dm.pack_prompts(tokens[:3], lengths[:3], packs=2, pad_id=0)
+
+
+@pytest.mark.parametrize("packs", [1, 2])
+def test_ragged_prefill_then_decode_match_forward(packs):
+    """Prompts of different lengths (one empty row) prefilled packed, then decoded a few steps:
+    every real row's logits equal llama.forward over its own unpadded sequence (fp32)."""
+    cfg = tiny_cfg()
+    params = tiny_params(cfg, seed=5)
+    prep = dm.prepare_params(params, cfg)
+    lengths, p, steps = [5, 1, 0, 9], 10, 3
+    seqs = random_prompts(cfg.vocab_size, [n + steps for n in lengths], seed=7)
+    tokens = np.zeros((4, p), np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, p - n:] = seqs[b][:n]
+    first = jnp.asarray([p - n for n in lengths], jnp.int32)
+    cache = dm.init_decode_cache(cfg, 4, p + steps)
+    logits, cache = dm.prefill_step(prep, dm.pack_prompts(tokens, lengths, packs, 0), first, cache, cfg)
+    got = [np.asarray(logits)]
+    for i in range(steps - 1):
+        tok = jnp.asarray([[s[n + i]] for s, n in zip(seqs, lengths)], jnp.int32)
+        pos = jnp.asarray([[n + i] for n in lengths], jnp.int32)
+        logits, cache = dm.decode_step(prep, tok, pos, first, cache, jnp.int32(p + i), cfg)
+        got.append(np.asarray(logits))
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        ref = full_logits_ref(params, cfg, seqs[b])[n - 1:n - 1 + steps]
+        np.testing.assert_allclose(np.stack([g[b] for g in got]), ref, atol=2e-5, rtol=0, err_msg=f"row {b}")
+
+
 def test_bf16_weights_and_cache_stay_close(model):
     cfg, params = model
     seq = random_prompts(cfg.vocab_size, [10], seed=4)[0]
     tokens = jnp.asarray([seq], jnp.int32)
+    ragged = dm.pack_prompts(np.asarray(tokens), [len(seq)], 1, 0)
     first = jnp.zeros((1,), jnp.int32)
     outs = {}
     for wd, kv in (("float32", "float32"), ("bfloat16", "bfloat16")):
         prep = dm.prepare_params(params, cfg, wd)
         assert prep["layers"][0]["mlp"]["w_gate_up"].dtype == jnp.dtype(wd)
         cache = dm.init_decode_cache(cfg, 1, 16, kv)
-        logits, cache = dm.prefill_step(prep, tokens, first, cache, cfg)
+        logits, cache = dm.prefill_step(prep, ragged, first, cache, cfg)
         assert cache["k"][0].dtype == jnp.dtype(kv)
         logits2, _ = dm.decode_step(prep, tokens[:, :1], jnp.asarray([[10]]), first, cache, jnp.int32(10), cfg)
         outs[wd] = np.concatenate([np.asarray(logits), np.asarray(logits2)])
@@ -166,11 +220,13 @@ def test_no_recompilation_within_a_bucket(model):
     for seed in range(3):  # three batches of different prompts and lengths, all in bucket 8
         engine.generate(random_prompts(cfg.vocab_size, [2 + seed, 8, 5, 1], seed=seed), settings)
     engine.generate(random_prompts(cfg.vocab_size, [3], seed=9), settings)  # a short batch: padded rows
-    assert engine._prefill._cache_size() == 1 and engine._decode._cache_size() == 1
-    assert sorted(collections.Counter(k[0] for k in engine.trace_counts).items()) == [("decode", 1), ("prefill", 1)]
+    # The decode loop compiles once per bucket; the prefill once per (bucket, packed length):
+    # the totals 16, 17, 18 and 3 pack into 16, 20, 20 and 16 tokens.
+    assert engine._decode._cache_size() == 1 and engine._prefill._cache_size() == 2
+    assert sorted(k[3] for k in engine.trace_counts if k[0] == "prefill") == [16, 20]
     assert all(v == 1 for v in engine.trace_counts.values())
     engine.generate(random_prompts(cfg.vocab_size, [12, 3], seed=5), settings)  # bucket 16: one more of each
-    assert engine._prefill._cache_size() == 2 and engine._decode._cache_size() == 2
+    assert engine._prefill._cache_size() == 3 and engine._decode._cache_size() == 2
     assert all(v == 1 for v in engine.trace_counts.values())
     assert len(engine.timings) == 5 and all(t.steps <= 6 for t in engine.timings)
 

@@ -13,14 +13,19 @@ memory-bound hardware:
 - The KV cache is a list of per-layer [batch, kv_heads, length, head_dim] buffers (optionally
   bfloat16) that the decode loop updates in place; which slots a row attends to comes from the
   row's first real slot (left padding) and the current slot, so no segment array is carried.
+- Prefill is ragged (`RaggedPrompts`): the token-wise work (projections, MLP, norms, RoPE) runs
+  on the prompts' tokens packed end to end, about sum(lengths) tokens instead of B x bucket;
+  only attention runs on the left-padded [B, bucket] layout, which is also the cache's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xinst_jax.config import ModelConfig
 from xinst_jax.model.attention import NEG_INF
@@ -98,6 +103,79 @@ def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int, kv_dtype: str 
             "v": [jnp.zeros(shape, dt) for _ in range(cfg.num_layers)]}
 
 
+# --------------------------------------------------------------------------- ragged prefill
+
+
+class RaggedPrompts(NamedTuple):
+    """A batch of B left-padded prompts (bucket P) with their tokens packed into R rows of T.
+
+    Rows b*B/R .. (b+1)*B/R - 1 of the batch are packed, in order, into pack b (R = the batch's
+    data-parallel shards, so every shard packs and gathers its own rows). A padded row's slots
+    are `slots = B/R * P` per pack, row-major. Built on the host by `pack_prompts`."""
+
+    tokens: Any  # [R, T] int32: prompts end to end, then padding
+    positions: Any  # [R, T] int32: each token's position within its prompt
+    token_of_slot: Any  # [R, slots] int32: the packed index of the token at each slot (pad slot: 0)
+    slot_of_token: Any  # [R, T] int32: the slot of each packed token (packing padding: 0)
+    last: Any  # [R, B/R] int32: the packed index of each prompt's last token (empty row: 0)
+
+
+def packed_length(total: int, cap: int) -> int:
+    """Tokens per pack for `total` real ones: rounded up to 4 sizes per octave (at most 25% padding,
+    a few compiles per prompt bucket), and never more than the padded layout's `cap`."""
+    if total <= 16:
+        return min(16, cap)
+    step = 2 ** (int(math.log2(total)) - 2)
+    return min(-(-total // step) * step, cap)
+
+
+def pack_prompts(tokens: np.ndarray, lengths: np.ndarray, packs: int, pad_id: int) -> RaggedPrompts:
+    """Left-padded prompts tokens [B, P] (row b's last lengths[b] tokens are real) -> the ragged
+    layout, in numpy. `packs` must divide B."""
+    b, p = tokens.shape
+    if b % packs:
+        raise ValueError(f"{b} rows do not split into {packs} packs")
+    rows = b // packs
+    lengths = np.asarray(lengths, np.int64)
+    totals = lengths.reshape(packs, rows).sum(axis=1)
+    t = packed_length(int(totals.max()), rows * p)
+    packed = np.full((packs, t), pad_id, np.int32)
+    positions = np.zeros((packs, t), np.int32)
+    token_of_slot = np.zeros((packs, rows * p), np.int32)
+    slot_of_token = np.zeros((packs, t), np.int32)
+    last = np.zeros((packs, rows), np.int32)
+    for r in range(packs):
+        at = 0
+        for j in range(rows):
+            n = int(lengths[r * rows + j])
+            if n == 0:
+                continue
+            slots = j * p + np.arange(p - n, p)
+            packed[r, at:at + n] = tokens[r * rows + j, p - n:]
+            positions[r, at:at + n] = np.arange(n)
+            token_of_slot[r, slots] = np.arange(at, at + n)
+            slot_of_token[r, at:at + n] = slots
+            last[r, j] = at + n - 1
+            at += n
+    return RaggedPrompts(packed, positions, token_of_slot, slot_of_token, last)
+
+
+def _gather(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """x [R, N, ...], index [R, M] -> [R, M, ...]: per pack, so each data shard gathers locally."""
+    return jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(x, index)
+
+
+def _packed_to_rows(x: jnp.ndarray, ragged: RaggedPrompts, batch: int) -> jnp.ndarray:
+    """[R, T, ...] -> [B, P, ...] (pad slots hold some real token's values; attention masks them)."""
+    return _gather(x, ragged.token_of_slot).reshape(batch, -1, *x.shape[2:])
+
+
+def _rows_to_packed(x: jnp.ndarray, ragged: RaggedPrompts) -> jnp.ndarray:
+    """[B, P, ...] -> [R, T, ...]."""
+    packs = ragged.tokens.shape[0]
+    return _gather(x.reshape(packs, -1, *x.shape[2:]), ragged.slot_of_token)
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -150,10 +228,10 @@ def _attention(q, k, v, mask):
 
 
 def _layer(h, lp, cos, sin, mask, cfg: ModelConfig, k_cache=None, v_cache=None, start=None,
-           attend_cache: bool = True):
+           attend_cache: bool = True, ragged: RaggedPrompts | None = None):
     """One decoder layer. With a cache, the new keys/values are written at slot `start`; attention
     then covers the whole cache (`attend_cache`, decode) or only the new tokens (prefill into an
-    empty cache)."""
+    empty cache). With `ragged`, h holds packed prompts and attention runs on their rows."""
     b, t, _ = h.shape
     nh, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = nh // kv
@@ -162,6 +240,8 @@ def _layer(h, lp, cos, sin, mask, cfg: ModelConfig, k_cache=None, v_cache=None, 
     q = qkv[:, :, :, :g].reshape(b, t, nh, d)
     k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, KV, D]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if ragged is not None:
+        q, k, v = (_packed_to_rows(y, ragged, mask.shape[0]) for y in (q, k, v))
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
     if k_cache is not None:
         k_cache, v_cache = _write_cache(k_cache, k, start), _write_cache(v_cache, v, start)
@@ -170,6 +250,8 @@ def _layer(h, lp, cos, sin, mask, cfg: ModelConfig, k_cache=None, v_cache=None, 
         else:
             k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
     out = _attention(q, k, v, mask)
+    if ragged is not None:
+        out = _rows_to_packed(out, ragged)
     h = h + _matmul(lp["attn"]["wo"], out, contract=2)
     x = rms_norm(h, lp["mlp_norm"]["scale"], cfg.norm_eps)
     gate_up = _matmul(lp["mlp"]["w_gate_up"], x)  # [B, T, M, 2]
@@ -188,14 +270,17 @@ def logits(prepared, h, cfg: ModelConfig):
     return _matmul(w, h)  # [vocab, embed] either way
 
 
-def _stack(prepared, h, positions, mask, cfg: ModelConfig, cache=None, start=None, attend_cache=True):
-    cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg))
+def _stack(prepared, h, positions, mask, cfg: ModelConfig, cache=None, start=None, attend_cache=True,
+           ragged: RaggedPrompts | None = None):
+    # Computed once for all layers: left to itself, XLA fuses sin/cos into every layer's RoPE and
+    # recomputes them there (30x the transcendental work per step for SmolLM2).
+    cos, sin = jax.lax.optimization_barrier(rope_cos_sin(positions, inverse_frequencies(cfg)))
     ks, vs = [], []
     for i, lp in enumerate(prepared["layers"]):
         kc = vc = None
         if cache is not None:
             kc, vc = cache["k"][i], cache["v"][i]
-        h, kc, vc = _layer(h, lp, cos, sin, mask, cfg, kc, vc, start, attend_cache)
+        h, kc, vc = _layer(h, lp, cos, sin, mask, cfg, kc, vc, start, attend_cache, ragged)
         ks.append(kc)
         vs.append(vc)
     return h, (None if cache is None else {"k": ks, "v": vs})
@@ -204,17 +289,18 @@ def _stack(prepared, h, positions, mask, cfg: ModelConfig, cache=None, start=Non
 # --------------------------------------------------------------------------- entry points
 
 
-def prefill_step(prepared, tokens, first, cache, cfg: ModelConfig):
-    """Left-padded prompts tokens [B, P] (row b real from slot first[b]) written at slots [0, P).
-    Returns (logits of slot P-1 [B, V] float32, cache)."""
-    b, p = tokens.shape
+def prefill_step(prepared, ragged: RaggedPrompts, first, cache, cfg: ModelConfig):
+    """Prompts in the ragged layout (row b real from slot first[b] of its left-padded bucket P)
+    written at slots [0, P). Returns (logits of each prompt's last token [B, V] float32, cache)."""
+    b = first.shape[0]
+    p = ragged.token_of_slot.shape[1] * ragged.tokens.shape[0] // b
     slot = jnp.arange(p, dtype=jnp.int32)[None, :]
-    positions = jnp.maximum(slot - first[:, None], 0)
     real = slot >= first[:, None]  # [B, P]
     mask = real[:, :, None] & real[:, None, :] & (slot[:, None, :] <= slot[:, :, None])
-    h, cache = _stack(prepared, _embed(prepared, tokens), positions, mask, cfg, cache, jnp.int32(0),
-                      attend_cache=False)
-    return logits(prepared, h[:, -1:], cfg)[:, 0], cache
+    h, cache = _stack(prepared, _embed(prepared, ragged.tokens), ragged.positions, mask, cfg, cache, jnp.int32(0),
+                      attend_cache=False, ragged=ragged)
+    last = _gather(h, ragged.last).reshape(b, 1, -1)
+    return logits(prepared, last, cfg)[:, 0], cache
 
 
 def decode_step(prepared, tokens, positions, first, cache, slot, cfg: ModelConfig):

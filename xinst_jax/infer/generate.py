@@ -46,8 +46,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from xinst_jax.config import ModelConfig
-from xinst_jax.infer.decode_model import (cache_logical_axes, decode_step, init_decode_cache, prefill_step,
-                                          prepare_params, prepared_logical_axes)
+from xinst_jax.infer.decode_model import (RaggedPrompts, cache_logical_axes, decode_step, init_decode_cache,
+                                          pack_prompts, prefill_step, prepare_params, prepared_logical_axes)
 from xinst_jax.infer.sampling import SamplingSettings, choose_tokens, ngram_banned_mask, row_keys
 from xinst_jax.sharding import Rules, batch_sharding, logical_to_spec, tree_shardings
 
@@ -134,6 +134,7 @@ class Engine:
         self.score_logits_bytes = int(score_logits_bytes)
         self.trace_counts: Counter = Counter()
         self.timings: list[BatchTiming] = []
+        self._packs = 1  # prefill packs: one per data-parallel shard
         if mesh is not None:
             if rules is None:
                 raise ValueError("a mesh needs the sharding rules")
@@ -144,6 +145,7 @@ class Engine:
             if self.batch_size % dp:
                 raise ValueError(f"batch_size={self.batch_size} is not divisible by the {dp} data-parallel "
                                  "shards of the mesh (the `batch` rule's axes)")
+            self._packs = dp
         prepare = jax.jit(lambda p: prepare_params(p, cfg, weight_dtype))
         if mesh is not None:
             shapes = jax.eval_shape(prepare, params)
@@ -178,12 +180,14 @@ class Engine:
 
     # ----------------------------------------------------------------- compiled pieces
 
-    def _prefill_impl(self, params, tokens, lengths, max_len: int):
-        """tokens [B, P] left-padded, lengths [B] -> (last logits [B, V] float32, cache)."""
-        b, p = tokens.shape
-        self.trace_counts[("prefill", b, p, max_len)] += 1
+    def _prefill_impl(self, params, ragged: RaggedPrompts, lengths, max_len: int):
+        """Prompts in the ragged layout, lengths [B] -> (last logits [B, V] float32, cache)."""
+        b = lengths.shape[0]
+        packs, t = ragged.tokens.shape
+        p = ragged.token_of_slot.shape[1] * packs // b
+        self.trace_counts[("prefill", b, p, t, max_len)] += 1
         cache = self._constrain_cache(init_decode_cache(self.cfg, b, max_len, self.kv_dtype))
-        logits, cache = prefill_step(params, tokens, p - lengths, cache, self.cfg)
+        logits, cache = prefill_step(params, ragged, p - lengths, cache, self.cfg)
         return self._constrain_rows(logits), self._constrain_cache(cache)
 
     def _decode_impl(self, params, cache, logits, history, lengths, done, keys, settings: SamplingSettings):
@@ -309,7 +313,8 @@ class Engine:
         keys = np.asarray(row_keys(settings.seed, ids.astype(np.uint32)))
         first_segment_end = (self.segment_ends(n_new) or [1])[0]
         t0 = time.perf_counter()
-        logits, cache = self._prefill(self.params, self._put(tokens), self._put(lengths),
+        ragged = pack_prompts(tokens, lengths, self._packs, settings.pad_id)
+        logits, cache = self._prefill(self.params, RaggedPrompts(*map(self._put, ragged)), self._put(lengths),
                                       max_len=self.cache_length(bucket, first_segment_end))
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
