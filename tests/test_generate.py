@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xinst_jax.config import MeshConfig, ModelConfig
+from xinst_jax.config import MeshConfig, ModelConfig, RopeScalingConfig
 from xinst_jax.infer import decode_model as dm
 from xinst_jax.infer.generate import Engine, decode_segments, pick_bucket
 from xinst_jax.infer.sampling import (SamplingSettings, candidate_scores, choose_tokens, ngram_banned_mask,
@@ -191,6 +191,20 @@ def test_ragged_prefill_then_decode_match_forward(packs):
             continue
         ref = full_logits_ref(params, cfg, seqs[b])[n - 1:n - 1 + steps]
         np.testing.assert_allclose(np.stack([g[b] for g in got]), ref, atol=2e-5, rtol=0, err_msg=f"row {b}")
+
+
+def test_rope_table_matches_in_graph_rope():
+    """The decode model's trace-time RoPE table gives the in-graph cos/sin (the training forward's)
+    to within an ulp, over long positions and with Llama-3 scaling."""
+    from xinst_jax.model.rope import inverse_frequencies, rope_cos_sin, rope_table
+
+    for cfg in (tiny_cfg(head_dim=64, rope_theta=500000.0),
+                tiny_cfg(head_dim=64, rope_scaling=RopeScalingConfig(type="llama3", original_max_position_embeddings=2048))):
+        inv = inverse_frequencies(cfg)
+        table = rope_table(8192, inv)
+        graph = rope_cos_sin(jnp.arange(8192)[None], inv)
+        for t, g in zip(table, graph):
+            np.testing.assert_allclose(t, np.asarray(g[0]), atol=1.2e-7, rtol=0)
 
 
 def test_bf16_weights_and_cache_stay_close(model):

@@ -30,7 +30,7 @@ import numpy as np
 from xinst_jax.config import ModelConfig
 from xinst_jax.model.attention import NEG_INF
 from xinst_jax.model.llama import DTYPES, logical_axes, rms_norm
-from xinst_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from xinst_jax.model.rope import apply_rope, inverse_frequencies, rope_table
 
 F32 = jnp.float32
 
@@ -270,11 +270,12 @@ def logits(prepared, h, cfg: ModelConfig):
     return _matmul(w, h)  # [vocab, embed] either way
 
 
-def _stack(prepared, h, positions, mask, cfg: ModelConfig, cache=None, start=None, attend_cache=True,
-           ragged: RaggedPrompts | None = None):
-    # Computed once for all layers: left to itself, XLA fuses sin/cos into every layer's RoPE and
-    # recomputes them there (30x the transcendental work per step for SmolLM2).
-    cos, sin = jax.lax.optimization_barrier(rope_cos_sin(positions, inverse_frequencies(cfg)))
+def _stack(prepared, h, positions, max_position: int, mask, cfg: ModelConfig, cache=None, start=None,
+           attend_cache=True, ragged: RaggedPrompts | None = None):
+    """The decoder layers over h [B, T, embed]; `positions` [B, T] are all below `max_position`."""
+    # Looked up in a table made at trace time: computed in the graph, XLA fuses sin/cos into every
+    # layer's RoPE and recomputes them there (SmolLM2 prefill: 20% of its time).
+    cos, sin = (jnp.asarray(table)[positions] for table in rope_table(max_position, inverse_frequencies(cfg)))
     ks, vs = [], []
     for i, lp in enumerate(prepared["layers"]):
         kc = vc = None
@@ -297,7 +298,7 @@ def prefill_step(prepared, ragged: RaggedPrompts, first, cache, cfg: ModelConfig
     slot = jnp.arange(p, dtype=jnp.int32)[None, :]
     real = slot >= first[:, None]  # [B, P]
     mask = real[:, :, None] & real[:, None, :] & (slot[:, None, :] <= slot[:, :, None])
-    h, cache = _stack(prepared, _embed(prepared, ragged.tokens), ragged.positions, mask, cfg, cache, jnp.int32(0),
+    h, cache = _stack(prepared, _embed(prepared, ragged.tokens), ragged.positions, p, mask, cfg, cache, jnp.int32(0),
                       attend_cache=False, ragged=ragged)
     last = _gather(h, ragged.last).reshape(b, 1, -1)
     return logits(prepared, last, cfg)[:, 0], cache
@@ -309,7 +310,7 @@ def decode_step(prepared, tokens, positions, first, cache, slot, cfg: ModelConfi
     s = cache["k"][0].shape[2]
     kv_slot = jnp.arange(s, dtype=jnp.int32)[None, :]
     mask = ((kv_slot >= first[:, None]) & (kv_slot <= slot))[:, None, :]
-    h, cache = _stack(prepared, _embed(prepared, tokens), positions, mask, cfg, cache, slot)
+    h, cache = _stack(prepared, _embed(prepared, tokens), positions, s, mask, cfg, cache, slot)  # position <= slot < s
     return logits(prepared, h, cfg)[:, 0], cache
 
 
@@ -322,7 +323,7 @@ def final_hidden(prepared, tokens, segments, cfg: ModelConfig):
     positions = jnp.broadcast_to(slot, (b, t))
     real = segments != 0
     mask = real[:, :, None] & real[:, None, :] & (slot[:, None, :] <= slot[:, :, None])
-    h, _ = _stack(prepared, _embed(prepared, tokens), positions, mask, cfg)
+    h, _ = _stack(prepared, _embed(prepared, tokens), positions, t, mask, cfg)
     return h
 
 
