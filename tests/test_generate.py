@@ -392,11 +392,32 @@ def test_candidates_equal_full_processing():
         full = np.asarray(process_logits_full(logits, st, banned))
         if st.top_k == 2 and st.top_p == 1.0:
             assert (np.isfinite(full).sum(axis=1) == [2, 4, 4, 4, 4]).all()  # the reference keeps the ties
-        values, ids = candidate_scores(logits, st, banned)
+        values, ids, cut = candidate_scores(logits, st, banned)
+        assert cut is None or not np.asarray(cut).any()
         scattered = np.full_like(full, -np.inf)
         np.put_along_axis(scattered, np.asarray(ids), np.asarray(values), axis=-1)
         np.testing.assert_array_equal(np.isfinite(scattered), np.isfinite(full))
         np.testing.assert_allclose(scattered[np.isfinite(full)], full[np.isfinite(full)], rtol=1e-6)
+
+
+def test_ties_beyond_the_candidates_use_the_full_chain():
+    """20 tokens tie for the top with top_k=2: transformers keeps all 20 (k + 8 candidates cannot
+    hold them). The row is marked cut and sampling draws from all 20, uniformly; a row without
+    such ties keeps the fast path's candidates."""
+    logits = np.full((2, 64), -5.0, np.float32)
+    logits[0, 30:50] = 3.0  # row 0: 20 ties
+    logits[1, [7, 9]] = [4.0, 3.0]  # row 1: two clear winners
+    st = SamplingSettings(temperature=1.0, top_k=2, top_p=1.0, no_repeat_ngram=0)
+    values, ids, cut = candidate_scores(jnp.asarray(logits), st)
+    assert np.asarray(cut).tolist() == [True, False]
+    assert np.isfinite(np.asarray(process_logits_full(jnp.asarray(logits), st))).sum(axis=1).tolist() == [20, 2]
+    n = 4000
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: choose_tokens(jnp.asarray(logits), st, jnp.stack([k, k]),
+                                                                 jnp.int32(0))))(row_keys(5, np.arange(n))))
+    freq = np.bincount(draws[:, 0], minlength=64) / n
+    assert set(np.flatnonzero(freq)) == set(range(30, 50))
+    np.testing.assert_allclose(freq[30:50], 1 / 20, atol=0.02)  # ~6 sigma at n=4000
+    assert set(draws[:, 1].tolist()) == {7, 9}
 
 
 def test_sampling_frequencies_follow_processed_distribution():

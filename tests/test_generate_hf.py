@@ -94,7 +94,7 @@ def test_filters_match_hf_logits_processors(settings):
         np.testing.assert_allclose(got[alive_got], want[alive_want], rtol=1e-6, atol=1e-6)
         assert 0 < alive_want.sum(-1).min() and alive_want.sum(-1).max() < v  # something was filtered, not all
 
-        values, ids = candidate_scores(jnp.asarray(logits), settings, banned)  # what the decode loop samples
+        values, ids, _ = candidate_scores(jnp.asarray(logits), settings, banned)  # what the decode loop samples
         scattered = np.full((b, v), -np.inf, np.float32)
         np.put_along_axis(scattered, np.asarray(ids), np.asarray(values), axis=-1)
         np.testing.assert_array_equal(np.isfinite(scattered), alive_want)

@@ -15,7 +15,9 @@ The processing chain is the one `transformers` builds for `generate(do_sample=Tr
 
 `process_logits_full` gives the processed [B, V] scores exactly as HF would (tests compare the
 two); `candidate_scores` gives the same distribution restricted to the top-k candidates, which is
-what the decode loop samples from (a [B, k] softmax instead of a full-vocabulary sort per step).
+what the decode loop samples from (a [B, k] softmax instead of a full-vocabulary sort per step),
+unless more tokens tie with the k-th score than the candidates hold: then it samples from the full
+chain, as transformers would.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
-TIE_SLOTS = 8  # candidates beyond top-k kept for exact ties with the k-th score (HF keeps them all)
+TIE_SLOTS = 8  # candidates beyond top-k kept for exact ties with the k-th score (more: the full chain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,31 +139,39 @@ def process_logits_full(logits: jnp.ndarray, settings: SamplingSettings, banned:
 
 
 def candidate_scores(logits: jnp.ndarray, settings: SamplingSettings, banned: jnp.ndarray | None = None
-                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The processed distribution over its only possible survivors: (scores [B, K], token ids [B, K]).
+                     ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+    """The processed distribution over its only possible survivors: (scores [B, K], token ids [B, K],
+    cut [B] bool, or None where nothing can be cut).
 
     With top-k on, only the k best can survive (plus HF's ties with the k-th score), so
     temperature and top-p run on the k + TIE_SLOTS best (in descending order; top-p's ascending
     cumulative sum is taken over the reversed order), those below the k-th score masked. The
-    result equals `process_logits_full` scattered back (tests check, ties included) unless more
-    than TIE_SLOTS other tokens tie exactly with the k-th score.
+    result equals `process_logits_full` scattered back (tests check, ties included) except in rows
+    marked `cut`: there the last candidate still ties the k-th score, so more tokens may tie
+    beyond the candidates (`choose_tokens` then uses the full chain).
     """
     scores = logits.astype(jnp.float32)
     if banned is not None:
         scores = jnp.where(banned, NEG_INF, scores)
     if settings.temperature != 1.0:
         scores = scores / settings.temperature
+    vocab = scores.shape[-1]
+    cut = None
     if settings.top_k > 0:
-        k = min(settings.top_k, scores.shape[-1])
-        values, ids = jax.lax.top_k(scores, min(k + TIE_SLOTS, scores.shape[-1]))  # descending
-        values = jnp.where(values < values[..., k - 1:k], NEG_INF, values)  # keep ties with the k-th, as HF
+        k = min(settings.top_k, vocab)
+        n = min(k + TIE_SLOTS, vocab)
+        values, ids = jax.lax.top_k(scores, n)  # descending
+        kth = values[..., k - 1:k]
+        if n < vocab:
+            cut = (values[..., -1] == kth[..., 0]) & jnp.isfinite(kth[..., 0])
+        values = jnp.where(values < kth, NEG_INF, values)  # keep ties with the k-th, as HF
     else:
         ids = jnp.argsort(-scores, axis=-1, stable=True)
         values = jnp.take_along_axis(scores, ids, axis=-1)
     if settings.top_p < 1.0:
         keep = _top_p_keep_sorted_ascending(values[..., ::-1], settings.top_p)[..., ::-1]
         values = jnp.where(keep, values, NEG_INF)
-    return values, ids.astype(jnp.int32)
+    return values, ids.astype(jnp.int32), cut
 
 
 # --------------------------------------------------------------------------- choosing
@@ -181,10 +191,20 @@ def choose_tokens(logits: jnp.ndarray, settings: SamplingSettings, keys: jnp.nda
     if settings.greedy:
         scores = logits if banned is None else jnp.where(banned, NEG_INF, logits)
         return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    values, ids = candidate_scores(logits, settings, banned)
 
-    def one(key, v, i):
-        pick = jax.random.categorical(jax.random.fold_in(key, step), v)
-        return i[pick]
+    def sample(values, ids):
+        def one(key, v, i):
+            pick = jax.random.categorical(jax.random.fold_in(key, step), v)
+            return i[pick]
 
-    return jax.vmap(one)(keys, values, ids)
+        return jax.vmap(one)(keys, values, ids)
+
+    values, ids, cut = candidate_scores(logits, settings, banned)
+    if cut is None:
+        return sample(values, ids)
+
+    def full_chain():  # rare: more than TIE_SLOTS tokens tie with the k-th score
+        scores = process_logits_full(logits, settings, banned)
+        return sample(scores, jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape))
+
+    return jax.lax.cond(jnp.any(cut), full_chain, lambda: sample(values, ids))
