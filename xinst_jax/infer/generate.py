@@ -1,4 +1,4 @@
-"""Batched KV-cache generation: bucketed left-padded prefill, then one jit-compiled decode loop.
+"""Batched KV-cache generation: bucketed, ragged prefill, then one jit-compiled decode loop.
 
 Layout of a batch (B rows, prompt bucket P, N = max_new_tokens):
 
@@ -10,8 +10,13 @@ Prompts are left-padded to the bucket with segment id 0 (never attended) and the
 start at 0 on each row's first real token, so every row decodes at the same cache slot P+i while
 keeping its own RoPE positions. The decode loop is a `lax.while_loop` inside one jit: rows stop
 independently (a stop token or stop sequence; finished rows emit `pad_id`) and the loop exits
-as soon as every row is done. Shapes depend only on (B, P, N), so every batch of the same bucket
-reuses the compiled prefill and decode (`Engine.trace_counts` counts traces; tests assert it).
+as soon as every row is done. The decode loop's shapes depend only on (B, P, N), so every batch
+of the same bucket reuses it (`Engine.trace_counts` counts traces; tests assert it).
+
+The prefill is ragged (`decode_model.RaggedPrompts`): projections and MLP run on the batch's
+prompt tokens packed end to end (one pack per data-parallel shard), rounded up to 4 sizes per
+octave, and only attention runs on the [B, P] layout above. A batch of prompts of mixed lengths
+then costs about its real tokens, not B x P; the prefill compiles once per (bucket, packed size).
 
 The model runs in the inference layout of `decode_model` (per-layer weights, optionally bfloat16,
 [out, in] matrices; the KV cache a per-layer [batch, kv_heads, length, head_dim] buffer updated in
