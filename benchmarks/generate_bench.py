@@ -23,8 +23,10 @@ gets its best thread count: before every timed run a short probe at 1 thread and
 picks one (on busy cores OpenMP's spin-waiting threads can crawl).
 
 The "where the time goes" section times one decode step's pieces (all layers, the lm_head, the
-attention over the cache) and relates the step time to the bytes a step must read (weights + KV
-cache): batch-8 decoding is memory-bound, so bytes/step is what a dtype change buys.
+attention over the cache, the weight matmuls alone) and relates the step time to the bytes a step
+must read (weights + KV cache): batch-8 decoding is memory-bound, so bytes/step is what a dtype
+change buys. For transformers it also times torch's F.linear over the same weights with nothing
+around it: the two kernel floors, next to the two step times.
 """
 
 from __future__ import annotations
@@ -217,6 +219,20 @@ def hf_worker() -> None:
             probe[threads] = m.wall
         return probe
 
+    def linear_chain_ms(model, batch: int, repeats: int = 5) -> float:
+        """torch's own kernels on one decode step's weight matmuls (every nn.Linear of the model,
+        in order, at [batch, in]; no attention or Python framework around them): min ms."""
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        xs = {n: torch.ones(batch, n, dtype=linears[0].weight.dtype) for n in {m.in_features for m in linears}}
+        best = float("inf")
+        with torch.inference_mode():
+            for i in range(repeats + 1):
+                with Measure() as m:
+                    for lin in linears:
+                        torch.nn.functional.linear(xs[lin.in_features], lin.weight)
+                best = min(best, m.wall) if i else best
+        return 1e3 * best
+
     auto = False
     for line in sys.stdin:
         msg = json.loads(line)
@@ -242,6 +258,8 @@ def hf_worker() -> None:
             reply(dict(prompts=prompts, threads=threads, probe=probe, directory=str(smol.directory),
                        weight_bytes=sum(p.numel() * p.element_size() for p in smol.model.parameters()),
                        torch=torch.__version__))
+        elif msg["cmd"] == "chain":
+            reply(dict(ms=linear_chain_ms(models[msg["dtype"]], msg["batch"])))
         elif msg["cmd"] == "run":
             dtype = msg["dtype"]
             probe = {}
@@ -303,6 +321,18 @@ def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> 
             vs.append(v)
         return h, {"k": ks, "v": vs}
 
+    def matmuls_only(prep, h):
+        """The step's weight matmuls alone, chained as in the layers (no norms, RoPE, attention or
+        cache): the floor that XLA:CPU's dot kernels set for this step."""
+        g = cfg.num_heads // cfg.num_kv_heads
+        for lp in prep["layers"]:
+            qkv = dm._matmul(lp["attn"]["wqkv"], h)
+            h = h + dm._matmul(lp["attn"]["wo"], qkv[:, :, :, :g].reshape(batch, 1, cfg.num_heads, -1), contract=2)
+            gate_up = dm._matmul(lp["mlp"]["w_gate_up"], h)
+            h = h + dm._matmul(lp["mlp"]["w_down"], gate_up[..., 0] * gate_up[..., 1])
+        w = prep["embed"]["embedding"] if cfg.tie_embeddings else prep["lm_head"]["lm_head"]
+        return dm._matmul(w, h)
+
     # (fn, args, index of a cache argument that fn returns second and that is donated: updated in
     # place as in the decode loop, not copied whole per call)
     pieces = {
@@ -314,6 +344,7 @@ def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> 
         f"  attention core over {slots} slots x {cfg.num_layers}": (
             jax.jit(lambda q, c: [dm._attention(q, k, v, mask) for k, v in zip(c["k"], c["v"])]),
             [q, dm.init_decode_cache(cfg, batch, slots, kv)], None),
+        "  weight matmuls alone, chained (layers + lm_head)": (jax.jit(matmuls_only), [prep, h], None),
     }
     out = []
     for name, (fn, args, carried) in pieces.items():
@@ -423,9 +454,11 @@ def main(args) -> None:
                   f"per step -> {(side.weight_bytes + kv_bytes) / step / 1e6:.2f} GB/s at {step:.1f} ms/step")
             for name, ms in rows:
                 print(f"    {name:44s} {ms:8.1f}")
-        for h in results[len(ours):]:
+        for h, side in zip(results[len(ours):], sides_hf):
+            chain = worker.call(dict(cmd="chain", dtype=side.dtype, batch=b))["ms"]
             print(f"  {h['name']}: weights {h['weight_mb']:.0f} MB per step -> "
                   f"{h['weight_mb'] / h['step_ms']:.2f} GB/s at {h['step_ms']:.1f} ms/step (decode average)")
+            print(f"    {'torch F.linear alone over the same weights':44s} {chain:8.1f}")
     worker.close()
     print(f"\nload average at end: {loadavg()} | total wall time {time.perf_counter() - wall0:.0f}s")
     if args.json:
