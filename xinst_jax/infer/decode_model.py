@@ -119,6 +119,14 @@ class RaggedPrompts(NamedTuple):
     slot_of_token: Any  # [R, T] int32: the slot of each packed token (packing padding: 0)
     last: Any  # [R, B/R] int32: the packed index of each prompt's last token (empty row: 0)
 
+    @property
+    def batch(self) -> int:  # B
+        return self.last.shape[0] * self.last.shape[1]
+
+    @property
+    def bucket(self) -> int:  # P
+        return self.token_of_slot.shape[1] // self.last.shape[1]
+
 
 def packed_length(total: int, cap: int) -> int:
     """Tokens per pack for `total` real ones: rounded up to 4 sizes per octave (at most 25% padding,
@@ -165,9 +173,9 @@ def _gather(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
     return jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(x, index)
 
 
-def _packed_to_rows(x: jnp.ndarray, ragged: RaggedPrompts, batch: int) -> jnp.ndarray:
+def _packed_to_rows(x: jnp.ndarray, ragged: RaggedPrompts) -> jnp.ndarray:
     """[R, T, ...] -> [B, P, ...] (pad slots hold some real token's values; attention masks them)."""
-    return _gather(x, ragged.token_of_slot).reshape(batch, -1, *x.shape[2:])
+    return _gather(x, ragged.token_of_slot).reshape(ragged.batch, ragged.bucket, *x.shape[2:])
 
 
 def _rows_to_packed(x: jnp.ndarray, ragged: RaggedPrompts) -> jnp.ndarray:
@@ -241,7 +249,7 @@ def _layer(h, lp, cos, sin, mask, cfg: ModelConfig, k_cache=None, v_cache=None, 
     k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, KV, D]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if ragged is not None:
-        q, k, v = (_packed_to_rows(y, ragged, mask.shape[0]) for y in (q, k, v))
+        q, k, v = (_packed_to_rows(y, ragged) for y in (q, k, v))
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
     if k_cache is not None:
         k_cache, v_cache = _write_cache(k_cache, k, start), _write_cache(v_cache, v, start)
@@ -293,8 +301,7 @@ def _stack(prepared, h, positions, max_position: int, mask, cfg: ModelConfig, ca
 def prefill_step(prepared, ragged: RaggedPrompts, first, cache, cfg: ModelConfig):
     """Prompts in the ragged layout (row b real from slot first[b] of its left-padded bucket P)
     written at slots [0, P). Returns (logits of each prompt's last token [B, V] float32, cache)."""
-    b = first.shape[0]
-    p = ragged.token_of_slot.shape[1] * ragged.tokens.shape[0] // b
+    b, p = ragged.batch, ragged.bucket
     slot = jnp.arange(p, dtype=jnp.int32)[None, :]
     real = slot >= first[:, None]  # [B, P]
     mask = real[:, :, None] & real[:, None, :] & (slot[:, None, :] <= slot[:, :, None])

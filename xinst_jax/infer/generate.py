@@ -187,10 +187,8 @@ class Engine:
 
     def _prefill_impl(self, params, ragged: RaggedPrompts, lengths, max_len: int):
         """Prompts in the ragged layout, lengths [B] -> (last logits [B, V] float32, cache)."""
-        b = lengths.shape[0]
-        packs, t = ragged.tokens.shape
-        p = ragged.token_of_slot.shape[1] * packs // b
-        self.trace_counts[("prefill", b, p, t, max_len)] += 1
+        b, p = ragged.batch, ragged.bucket
+        self.trace_counts[("prefill", b, p, ragged.tokens.shape[1], max_len)] += 1
         cache = self._constrain_cache(init_decode_cache(self.cfg, b, max_len, self.kv_dtype))
         logits, cache = prefill_step(params, ragged, p - lengths, cache, self.cfg)
         return self._constrain_rows(logits), self._constrain_cache(cache)
