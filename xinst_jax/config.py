@@ -120,6 +120,7 @@ class GenerateConfig:
     prompt_buckets: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # longer prompts lose their start
     weight_dtype: Literal["", "float32", "bfloat16"] = ""  # "": as loaded (model.param_dtype)
     kv_dtype: Literal["", "float32", "bfloat16"] = ""  # "": float32
+    attention_kernel: Literal["auto", "xla", "native"] = "auto"  # decode attention: "native" = the CPU kernel (one CPU device; xinst_jax/infer/native_kernels.py); "auto": it where it applies and builds
     decode_segments: int = 4  # the decode loop runs in up to this many segments, its KV cache growing between them (1: one full-length cache)
     seed: int = 0  # sampling seed; a record's sample depends only on (seed, its index in the input)
     shard_size: int = 64  # records per output shard: the unit of resume

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xinst_jax.config import ModelConfig
+from xinst_jax.infer import native_kernels
 from xinst_jax.model.attention import NEG_INF
 from xinst_jax.model.llama import DTYPES, logical_axes, rms_norm
 from xinst_jax.model.rope import apply_rope, inverse_frequencies, rope_table
@@ -216,12 +217,28 @@ def _write_cache(cache: jnp.ndarray, new: jnp.ndarray, start) -> jnp.ndarray:
     return jax.lax.bitcast_convert_type(bits, cache.dtype)
 
 
+class SlotSpan(NamedTuple):
+    """A decode step's mask in short: row b attends to cache slots [first[b], last]."""
+    first: jnp.ndarray  # [B] int32
+    last: jnp.ndarray  # [] int32
+    native: bool = False  # run native_kernels.decode_attention (skips the other slots) instead of XLA's dots
+
+    def mask(self, slots: int) -> jnp.ndarray:  # [B, 1, slots]
+        slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
+        return ((slot >= self.first[:, None]) & (slot <= self.last))[:, None, :]
+
+
 def _attention(q, k, v, mask):
-    """q [B, T, H, D] f32, k/v [B, KV, S, D] (cache dtype), mask [B, T, S] -> [B, T, H, D] f32.
+    """q [B, T, H, D] f32, k/v [B, KV, S, D] (cache dtype), mask [B, T, S] or a SlotSpan ->
+    [B, T, H, D] f32.
 
     Query head h uses KV head h // (H / KV), as HF's repeat_kv. With k/v stored [B, KV, S, D]
     both dots read the cache in place (a [B, S, KV, D] cache is transposed, i.e. copied whole,
     by XLA on every step)."""
+    if isinstance(mask, SlotSpan):
+        if mask.native:
+            return native_kernels.decode_attention(q, k, v, mask.first, mask.last)
+        mask = mask.mask(k.shape[2])
     b, t, h, d = q.shape
     kv = k.shape[1]
     g = h // kv
@@ -311,13 +328,13 @@ def prefill_step(prepared, ragged: RaggedPrompts, first, cache, cfg: ModelConfig
     return logits(prepared, last, cfg)[:, 0], cache
 
 
-def decode_step(prepared, tokens, positions, first, cache, slot, cfg: ModelConfig):
+def decode_step(prepared, tokens, positions, first, cache, slot, cfg: ModelConfig, native_attention: bool = False):
     """tokens [B, 1] at cache slot `slot` (positions [B, 1]) -> (logits [B, V] float32, cache).
-    Row b attends to slots [first[b], slot]."""
+    Row b attends to slots [first[b], slot]; `native_attention`: with the CPU kernel (call
+    `native_kernels.available()` first)."""
     s = cache["k"][0].shape[2]
-    kv_slot = jnp.arange(s, dtype=jnp.int32)[None, :]
-    mask = ((kv_slot >= first[:, None]) & (kv_slot <= slot))[:, None, :]
-    h, cache = _stack(prepared, _embed(prepared, tokens), positions, s, mask, cfg, cache, slot)  # position <= slot < s
+    span = SlotSpan(first, slot, native_attention)
+    h, cache = _stack(prepared, _embed(prepared, tokens), positions, s, span, cfg, cache, slot)  # position <= slot < s
     return logits(prepared, h, cfg)[:, 0], cache
 
 

@@ -51,6 +51,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from xinst_jax.config import ModelConfig
+from xinst_jax.infer import native_kernels
 from xinst_jax.infer.decode_model import (RaggedPrompts, cache_logical_axes, decode_step, init_decode_cache,
                                           pack_prompts, prefill_step, prepare_params, prepared_logical_axes)
 from xinst_jax.infer.sampling import SamplingSettings, choose_tokens, ngram_banned_mask, row_keys
@@ -100,6 +101,25 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     return max(buckets)
 
 
+def use_native_attention(choice: str, mesh: Mesh | None) -> bool:
+    """Resolve Engine's `attention_kernel` ("auto", "xla", "native") for this mesh to a yes/no."""
+    if choice not in ("auto", "xla", "native"):
+        raise ValueError(f"attention_kernel must be 'auto', 'xla' or 'native', got {choice!r}")
+    if choice == "xla":
+        return False
+    devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+    # The kernel is a CPU custom call without a sharding rule: one CPU device only.
+    if len(devices) != 1 or devices[0].platform != "cpu":
+        if choice == "native":
+            raise ValueError(f"attention_kernel='native' runs on one CPU device; this mesh has {len(devices)} "
+                             f"{devices[0].platform} device(s)")
+        return False
+    why_not = native_kernels.available()
+    if why_not is not None and choice == "native":
+        raise ValueError(f"attention_kernel='native': {why_not}")
+    return why_not is None
+
+
 def _grow_cache(cache: dict, length: int) -> dict:
     """Pad every [B, KV, S, D] buffer with empty slots to `length` (a no-op if already that long)."""
     def grow(x):
@@ -115,14 +135,17 @@ class Engine:
     def __init__(self, params: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rules: Rules | None = None,
                  batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, kv_dtype: str | None = None,
                  weight_dtype: str | None = None, score_buckets: Sequence[int] | None = None,
-                 max_segments: int = 4, min_segment_steps: int = 32, score_logits_bytes: int = 256 << 20):
+                 max_segments: int = 4, min_segment_steps: int = 32, score_logits_bytes: int = 256 << 20,
+                 attention_kernel: str = "auto"):
         """`params`: the model's (stacked, training-layout) params, on any device/sharding.
         `weight_dtype`: keep matrices in this dtype for inference (default: as given);
         `kv_dtype`: the KV cache's dtype (default float32). The decode loop runs in at most
         `max_segments` segments of at least `min_segment_steps` steps, each with a cache just long
         enough for it (see the module docstring; 1 = one cache for the whole generation).
         Scoring runs the lm_head over positions in chunks whose float32 logits fit in
-        `score_logits_bytes`."""
+        `score_logits_bytes`. `attention_kernel`: the decode step's attention over the cache runs
+        as XLA's dots ("xla") or the native CPU kernel ("native", see native_kernels; one CPU
+        device only); "auto" takes the kernel where it applies and builds, else XLA's."""
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"prompt buckets must be positive lengths, got {list(buckets)}")
         self.cfg = cfg
@@ -137,6 +160,7 @@ class Engine:
                              f"{min_segment_steps}")
         self.max_segments, self.min_segment_steps = int(max_segments), int(min_segment_steps)
         self.score_logits_bytes = int(score_logits_bytes)
+        self.native_attention = use_native_attention(attention_kernel, mesh)
         self.trace_counts: Counter = Counter()
         self.timings: list[BatchTiming] = []
         self._packs = 1  # prefill packs: one per data-parallel shard
@@ -242,7 +266,7 @@ class Engine:
             i, cache, history, logits, done, finish, count = carry
             prev = jax.lax.dynamic_slice_in_dim(history, p + i - 1, 1, axis=1)
             positions = (lengths + i - 1)[:, None]
-            logits, cache = decode_step(params, prev, positions, first, cache, p + i - 1, cfg)
+            logits, cache = decode_step(params, prev, positions, first, cache, p + i - 1, cfg, self.native_attention)
             cache = self._constrain_cache(cache)
             history, done, finish, count = select(i, logits, history, done, finish, count)
             return i + 1, cache, history, logits, done, finish, count

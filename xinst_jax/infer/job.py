@@ -364,7 +364,8 @@ def run_generate(cfg: Config) -> dict:
         try:
             engine = Engine(params, model, mesh=mesh, rules=rules, batch_size=gen.batch_size,
                             buckets=gen.prompt_buckets, kv_dtype=gen.kv_dtype or None,
-                            weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments)
+                            weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments,
+                            attention_kernel=gen.attention_kernel)
         except ValueError as e:
             raise ConfigError(f"generate: {e}") from None
         del params
