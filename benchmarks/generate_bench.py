@@ -305,18 +305,19 @@ def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> 
     kv = engine.kv_dtype
     cache = dm.init_decode_cache(cfg, batch, slots, kv)
     tok = jnp.ones((batch, 1), jnp.int32)
-    pos = jnp.full((batch, 1), slots // 2, jnp.int32)
+    slot = jnp.int32(slots - 1)  # the last step of the cache: every slot attended
+    pos = jnp.full((batch, 1), slots - 1, jnp.int32)
     first = jnp.zeros((batch,), jnp.int32)
-    slot = jnp.int32(slots // 2)
     h = jnp.ones((batch, 1, cfg.embed_dim), jnp.float32)
     q = jnp.ones((batch, 1, cfg.num_heads, cfg.head_dim), jnp.float32)
-    mask = jnp.ones((batch, 1, slots), bool)
+    native = engine.native_attention
+    span = dm.SlotSpan(first, slot, native)
 
     def layers_only(prep, cache, h):
         cos, sin = jnp.ones((batch, 1, cfg.head_dim // 2)), jnp.zeros((batch, 1, cfg.head_dim // 2))
         ks, vs = [], []
         for i, lp in enumerate(prep["layers"]):
-            h, k, v = dm._layer(h, lp, cos, sin, mask, cfg, cache["k"][i], cache["v"][i], slot)
+            h, k, v = dm._layer(h, lp, cos, sin, span, cfg, cache["k"][i], cache["v"][i], slot)
             ks.append(k)
             vs.append(v)
         return h, {"k": ks, "v": vs}
@@ -336,14 +337,17 @@ def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> 
     # (fn, args, index of a cache argument that fn returns second and that is donated: updated in
     # place as in the decode loop, not copied whole per call)
     pieces = {
-        "decode step (all)": (jax.jit(lambda p, c: dm.decode_step(p, tok, pos, first, c, slot, cfg), donate_argnums=1),
-                              [prep, cache], 1),
+        "decode step (all)": (jax.jit(lambda p, c: dm.decode_step(p, tok, pos, first, c, slot, cfg, native),
+                                      donate_argnums=1), [prep, cache], 1),
         f"  {cfg.num_layers} layers (incl. cache attention)": (jax.jit(layers_only, donate_argnums=1),
                                                                [prep, dm.init_decode_cache(cfg, batch, slots, kv), h], 1),
         "  lm_head (final norm + logits)": (jax.jit(lambda p, h: dm.logits(p, h, cfg)), [prep, h], None),
-        f"  attention core over {slots} slots x {cfg.num_layers}": (
-            jax.jit(lambda q, c: [dm._attention(q, k, v, mask) for k, v in zip(c["k"], c["v"])]),
+        f"  attention over {slots} slots x {cfg.num_layers}, {'native kernel' if native else 'XLA dots'}": (
+            jax.jit(lambda q, c: [dm._attention(q, k, v, span) for k, v in zip(c["k"], c["v"])]),
             [q, dm.init_decode_cache(cfg, batch, slots, kv)], None),
+        **({f"    (the same with XLA's dots)": (
+            jax.jit(lambda q, c: [dm._attention(q, k, v, span._replace(native=False)) for k, v in zip(c["k"], c["v"])]),
+            [q, dm.init_decode_cache(cfg, batch, slots, kv)], None)} if native else {}),
         "  weight matmuls alone, chained (layers + lm_head)": (jax.jit(matmuls_only), [prep, h], None),
     }
     out = []
@@ -406,7 +410,8 @@ def main(args) -> None:
         steady, _ = side.run(prompts)
         side.compile_s = max(first.wall - steady["wall"], 0.0)
         print(f"{side.name:36s} first call {first.wall:6.1f}s, steady {steady['wall']:6.1f}s -> compile ~"
-              f"{side.compile_s:.1f}s (prefill + decode loop, bucket {steady['bucket']})")
+              f"{side.compile_s:.1f}s (prefill + decode loop, bucket {steady['bucket']}; decode attention: "
+              f"{'native CPU kernel' if side.engine.native_attention else 'XLA dots'})")
         ours.append(side)
     # ---- timed, alternating
     print(f"\n== timed: {args.repeats} repeat(s), alternating ours / transformers (load avg {loadavg()}) ==")

@@ -38,6 +38,7 @@ TARGETS = {jnp.dtype(jnp.bfloat16): ("xinst_decode_attention_bf16", "XinstDecode
 
 _lock = threading.Lock()
 _state: dict = {}  # "library" (ctypes.CDLL) or "error" (str), once tried
+_registered: list[ctypes.CDLL] = []  # the library whose handlers XLA holds (at most one per process)
 
 
 def cache_dir() -> Path:
@@ -81,8 +82,10 @@ def _build() -> ctypes.CDLL:
         os.replace(tmp, path)
         log.info("built %s", path)
     library = ctypes.cdll.LoadLibrary(str(path))
-    for target, symbol in TARGETS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    if not _registered:  # XLA keeps the first handlers registered under a name for the process
+        for target, symbol in TARGETS.values():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        _registered.append(library)
     return library
 
 

@@ -4,12 +4,14 @@
 // nothing else, so left padding and the unwritten tail cost nothing (XLA's dots run over every
 // slot and mask). The math mirrors decode_model._attention: with a bfloat16 cache the query and the
 // probabilities are rounded to bfloat16 before their dots, products accumulate in float32, and the
-// softmax is float32. Work is split over (row, kv head) pairs on XLA's intra-op thread pool.
+// softmax is float32. (row, kv head) pairs are shared out over XLA's intra-op thread pool.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -130,28 +132,35 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const T* vp = reinterpret_cast<const T*>(v.untyped_data());
   const int32_t* fp = first.typed_data();
   float* op = out->typed_data();
-  const int pairs = b * kv;
-  auto run = [&](int begin, int end) {
+  // Pairs are claimed one at a time by this thread and by helpers queued on the pool. This thread
+  // waits only for pairs another thread has claimed, i.e. is running: no deadlock when every pool
+  // thread is inside this kernel (XLA runs independent custom calls concurrently). A helper that
+  // starts after the work is gone touches only `shared`, which it co-owns.
+  struct Shared {
+    std::atomic<int> next{0}, done{0};
+    int total = 0;
+    std::function<void(int, Scratch&)> pair;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->total = b * kv;
+  shared->pair = [&](int pair, Scratch& s) {
+    const int lo = std::clamp(fp[pair / kv], 0, hi);
+    attend_one<T>(qp + size_t(pair) * g * d, kp + size_t(pair) * slots * d, vp + size_t(pair) * slots * d,
+                  op + size_t(pair) * g * d, g, d, lo, hi, scale, KV == ffi::BF16, s);
+  };
+  auto drain = [g, d, slots](Shared& w) {
+    if (w.next.load(std::memory_order_relaxed) >= w.total) return;
     Scratch s(g, d, slots);
-    for (int pair = begin; pair < end; ++pair) {
-      const int lo = std::clamp(fp[pair / kv], 0, hi);
-      attend_one<T>(qp + size_t(pair) * g * d, kp + size_t(pair) * slots * d, vp + size_t(pair) * slots * d,
-                    op + size_t(pair) * g * d, g, d, lo, hi, scale, KV == ffi::BF16, s);
+    for (int i; (i = w.next.fetch_add(1, std::memory_order_relaxed)) < w.total;) {
+      w.pair(i, s);
+      w.done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), pairs)));
-  const int chunk = (pairs + parts - 1) / parts;
-  std::atomic<int> pending(parts - 1);
-  for (int t = 1; t < parts; ++t) {
-    const int begin = std::min(pairs, t * chunk), end = std::min(pairs, (t + 1) * chunk);
-    pool.Schedule([&, begin, end] {
-      run(begin, end);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  run(0, std::min(pairs, chunk));
-  // The other parts take as long as this one (tens of microseconds): spin rather than sleep.
-  while (pending.load(std::memory_order_acquire) > 0) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->total) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared, drain] { drain(*shared); });
+  drain(*shared);
+  // The pairs still running elsewhere take microseconds: spin rather than sleep.
+  while (shared->done.load(std::memory_order_acquire) < shared->total) {
   }
   return ffi::Error::Success();
 }
