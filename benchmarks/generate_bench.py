@@ -322,6 +322,13 @@ def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> 
             vs.append(v)
         return h, {"k": ks, "v": vs}
 
+    def attention_chain(q, cache, native):
+        """Each layer's attention over its cache, one after another as in the step (independent
+        calls would run two at a time on the two cores). The caches are hot here, cold in a step."""
+        for k, v in zip(cache["k"], cache["v"]):
+            q = q + 1e-3 * dm._attention(q, k, v, span._replace(native=native))
+        return q
+
     def matmuls_only(prep, h):
         """The step's weight matmuls alone, chained as in the layers (no norms, RoPE, attention or
         cache): the floor that XLA:CPU's dot kernels set for this step."""
@@ -343,11 +350,10 @@ def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> 
                                                                [prep, dm.init_decode_cache(cfg, batch, slots, kv), h], 1),
         "  lm_head (final norm + logits)": (jax.jit(lambda p, h: dm.logits(p, h, cfg)), [prep, h], None),
         f"  attention over {slots} slots x {cfg.num_layers}, {'native kernel' if native else 'XLA dots'}": (
-            jax.jit(lambda q, c: [dm._attention(q, k, v, span) for k, v in zip(c["k"], c["v"])]),
-            [q, dm.init_decode_cache(cfg, batch, slots, kv)], None),
-        **({f"    (the same with XLA's dots)": (
-            jax.jit(lambda q, c: [dm._attention(q, k, v, span._replace(native=False)) for k, v in zip(c["k"], c["v"])]),
-            [q, dm.init_decode_cache(cfg, batch, slots, kv)], None)} if native else {}),
+            jax.jit(lambda q, c: attention_chain(q, c, native)), [q, dm.init_decode_cache(cfg, batch, slots, kv)], None),
+        **({"    (the same with XLA's dots)": (
+            jax.jit(lambda q, c: attention_chain(q, c, False)), [q, dm.init_decode_cache(cfg, batch, slots, kv)], None)}
+           if native else {}),
         "  weight matmuls alone, chained (layers + lm_head)": (jax.jit(matmuls_only), [prep, h], None),
     }
     out = []

@@ -43,10 +43,11 @@ def both(q, k, v, first, last):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("last", [39, 21])
-def test_kernel_matches_xla_attention(dtype, last):
+@pytest.mark.parametrize("g,d", [(3, 64), (4, 128), (1, 64), (2, 64), (3, 32)])  # compiled shapes, then run-time ones
+def test_kernel_matches_xla_attention(dtype, last, g, d):
     """Both round the query and the probabilities to the cache's dtype and accumulate in float32:
     what differs is only the float32 summation order (and the kernel's exp, within 1 ulp)."""
-    q, k, v = random_step(dtype)
+    q, k, v = random_step(dtype, g=g, d=d)
     first = [0, 5, 17, last]  # the last row attends to one slot
     xla, native = both(q, k, v, first, last)
     assert np.abs(xla).max() > 0.1

@@ -69,9 +69,13 @@ struct Scratch {
 };
 
 // One (row, kv head): q [g, d] float32; k, v [slots, d]; out [g, d]; attends to slots [lo, hi].
-template <typename T>
-void attend_one(const float* q, const T* k, const T* v, float* out, int g, int d, int lo, int hi,
+// D, G > 0: the head dim and group known at compile time (the loops unroll, rows and accumulators
+// stay in registers); 0: taken at run time.
+template <typename T, int D, int G>
+void attend_one(const float* q, const T* k, const T* v, float* out, int g_runtime, int d_runtime, int lo, int hi,
                 float scale, bool round_bf16, Scratch& s) {
+  const int d = D > 0 ? D : d_runtime;
+  const int g = G > 0 ? G : g_runtime;
   const int n = hi - lo + 1;
   float* qr = s.q.data();
   float* row = s.row.data();
@@ -143,9 +147,16 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   };
   auto shared = std::make_shared<Shared>();
   shared->total = b * kv;
+  auto one = attend_one<T, 0, 0>;  // the common shapes compiled for their sizes
+  if (d == 64 && g == 3) one = attend_one<T, 64, 3>;  // SmolLM2-135M
+  else if (d == 64 && g == 1) one = attend_one<T, 64, 1>;
+  else if (d == 64) one = attend_one<T, 64, 0>;
+  else if (d == 128 && g == 4) one = attend_one<T, 128, 4>;  // Llama-3-8B
+  else if (d == 128 && g == 1) one = attend_one<T, 128, 1>;
+  else if (d == 128) one = attend_one<T, 128, 0>;
   shared->pair = [&](int pair, Scratch& s) {
     const int lo = std::clamp(fp[pair / kv], 0, hi);
-    attend_one<T>(qp + size_t(pair) * g * d, kp + size_t(pair) * slots * d, vp + size_t(pair) * slots * d,
+    one(qp + size_t(pair) * g * d, kp + size_t(pair) * slots * d, vp + size_t(pair) * slots * d,
                   op + size_t(pair) * g * d, g, d, lo, hi, scale, KV == ffi::BF16, s);
   };
   auto drain = [g, d, slots](Shared& w) {
