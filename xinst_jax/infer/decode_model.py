@@ -13,6 +13,8 @@ memory-bound hardware:
 - The KV cache is a list of per-layer [batch, kv_heads, length, head_dim] buffers (optionally
   bfloat16) that the decode loop updates in place; which slots a row attends to comes from the
   row's first real slot (left padding) and the current slot, so no segment array is carried.
+- A decode step's mask is a `SlotSpan` (row b attends to slots [first[b], slot]); on one CPU device
+  the engine runs that attention as `native_kernels.decode_attention`, which reads only the span.
 - Prefill is ragged (`RaggedPrompts`): the token-wise work (projections, MLP, norms, RoPE) runs
   on the prompts' tokens packed end to end, about sum(lengths) tokens instead of B x bucket;
   only attention runs on the left-padded [B, bucket] layout, which is also the cache's.

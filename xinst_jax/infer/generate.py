@@ -33,6 +33,8 @@ in the cache length). The decode loop therefore runs in segments (`decode_segmen
 segment's cache ends just past the last slot that segment writes, and between segments the cache
 is grown by a copy (once per segment, not per step). Each segment is its own `while_loop` in the
 same jit, so a bucket still compiles once; the loop exits early as soon as every row is done.
+On one CPU device the decode attention runs as a native kernel (`attention_kernel`, see
+native_kernels.py) that reads only each row's real slots, left padding and tail alike.
 
 Scoring (`Engine.score`, see score.py) uses the same prepared params and buckets.
 """
