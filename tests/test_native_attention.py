@@ -43,7 +43,7 @@ def both(q, k, v, first, last):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("last", [39, 21])
-@pytest.mark.parametrize("g,d", [(3, 64), (4, 128), (1, 64), (2, 64), (3, 32)])  # compiled shapes, then run-time ones
+@pytest.mark.parametrize("g,d", [(3, 64), (1, 64), (2, 64), (4, 128), (1, 128), (2, 128), (3, 32)])  # every compiled branch, then run-time sizes
 def test_kernel_matches_xla_attention(dtype, last, g, d):
     """Both round the query and the probabilities to the cache's dtype and accumulate in float32:
     what differs is only the float32 summation order (and the kernel's exp, within 1 ulp)."""
