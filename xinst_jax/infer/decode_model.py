@@ -336,7 +336,8 @@ def decode_step(prepared, tokens, positions, first, cache, slot, cfg: ModelConfi
     `native_kernels.available()` first)."""
     s = cache["k"][0].shape[2]
     span = SlotSpan(first, slot, native_attention)
-    h, cache = _stack(prepared, _embed(prepared, tokens), positions, s, span, cfg, cache, slot)  # position <= slot < s
+    mask = span if native_attention else span.mask(s)  # built once here, not in each layer
+    h, cache = _stack(prepared, _embed(prepared, tokens), positions, s, mask, cfg, cache, slot)  # position <= slot < s
     return logits(prepared, h, cfg)[:, 0], cache
 
 
