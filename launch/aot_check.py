@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from xinst_jax.data.batch import BATCH_KEYS
     from xinst_jax.model.llama import count_params
     from xinst_jax.train.flops import training_flops_per_step
-    from xinst_jax.train.loop import build_train_program
+    from xinst_jax.train.program import build_train_program
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -28,7 +28,8 @@ from xinst_jax.sharding import (activation_sharding, batch_sharding, make_mesh, 
 from xinst_jax.train.flops import peak_flops_per_device, training_flops_per_step
 from xinst_jax.train.metrics import MetricsLogger
 from xinst_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from xinst_jax.train.step import init_state, make_train_step
+from xinst_jax.train.program import build_train_program, load_pretrained
+from xinst_jax.train.step import init_state
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +73,6 @@ class PreemptionWatcher:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def validate_batch(cfg: Config, data_parallel: int) -> int:
-    """Rows this host contributes per step; clear errors before anything compiles."""
-    t = cfg.train
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    micro = t.batch_size // t.grad_accum
-    if micro % data_parallel:
-        raise ConfigError(f"train.batch_size/grad_accum={micro} rows cannot be split over the {data_parallel} "
-                          "data-parallel shards (mesh data x fsdp)")
-    if t.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {jax.process_count()} processes")
-    return t.batch_size // jax.process_count()
-
-
 def make_source(cfg: Config, rows: int) -> BatchSource:
     if cfg.data.source == "synthetic":
         from xinst_jax.data.synthetic import SyntheticSource
@@ -97,43 +84,6 @@ def make_source(cfg: Config, rows: int) -> BatchSource:
 
         return make_pipeline_source(cfg, rows, jax.process_index(), jax.process_count())
     raise ConfigError(f"data.source: unknown source '{cfg.data.source}'")
-
-
-@dataclass
-class TrainProgram:
-    """Everything about a run that is fixed by the config and the mesh: shardings and the jitted
-    step. Built the same way for training and for ahead-of-time compilation (launch/aot_check.py)."""
-
-    mesh: Any
-    optimizer: Any
-    abstract_state: Any  # ShapeDtypeStructs carrying their shardings
-    state_sharding: Any
-    batch_sharding: Any
-    step_fn: Any
-    host_rows: int
-
-
-def build_train_program(cfg: Config, devices: list | None = None) -> TrainProgram:
-    mesh = make_mesh(cfg.mesh, devices)
-    rules = parse_rules(cfg.mesh.rules)
-    rows = validate_batch(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
-    optimizer = make_optimizer(cfg.train)
-    abstract = jax.eval_shape(functools.partial(init_state, cfg.model, optimizer), jax.random.key(cfg.seed))
-    param_sh = tree_shardings(logical_axes(cfg.model), param_shapes(cfg.model), rules, mesh)
-    state_sh = {"step": replicated(mesh), "params": param_sh,
-                "opt_state": state_shardings_like_params(abstract["opt_state"], param_sh, mesh),
-                "rng": replicated(mesh)}
-    batch_sh = batch_sharding(mesh, rules)
-    train_step = make_train_step(cfg.model, cfg.train, optimizer, learning_rate_schedule(cfg.train))
-
-    def sharded_step(state, batch):
-        with activation_sharding(mesh, rules):  # active while jit traces
-            return train_step(state, batch)
-
-    step_fn = jax.jit(sharded_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
-                      donate_argnums=0)
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
-    return TrainProgram(mesh, optimizer, target, state_sh, batch_sh, step_fn, rows)
 
 
 def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int | None = None) -> TrainResult:
@@ -159,7 +109,7 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
     else:
         start_step = 0
         if cfg.train.init_from:
-            state = _load_pretrained(cfg, rng, optimizer, state_sh)
+            state = load_pretrained(cfg, rng, optimizer, state_sh)
         else:
             state = jax.jit(functools.partial(init_state, cfg.model, optimizer), out_shardings=state_sh)(rng)
 
@@ -247,21 +197,6 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
                         max_shard_bytes=cfg.export.max_shard_bytes, tokenizer_dir=tokenizer_dir or None)
         logger.write(f"exported Hugging Face model to {out}")
     return TrainResult(final_step, state, history, preempted)
-
-
-def _load_pretrained(cfg: Config, rng: jax.Array, optimizer, state_sh: dict) -> dict:
-    """Step-0 state from Hugging Face weights: each tensor is placed straight into its shard
-    layout (never a random init first), and the optimizer state is created for it."""
-    from xinst_jax.convert.hf import import_hf
-
-    if not Path(cfg.train.init_from).is_dir():
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} is not a directory")
-    _, params = import_hf(cfg.train.init_from, cfg.model, shardings=state_sh["params"])
-    opt_state = jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params)
-    _, state_rng = jax.random.split(rng)  # the same split init_state makes
-    step = jax.device_put(np.zeros((), np.int32), state_sh["step"])
-    return {"step": step, "params": params, "opt_state": opt_state,
-            "rng": jax.device_put(state_rng, state_sh["rng"])}
 
 
 _profiling = False
