@@ -33,7 +33,7 @@ from xinst_jax.config import ModelConfig  # noqa: E402
 from xinst_jax.infer.generate import Engine  # noqa: E402
 from xinst_jax.infer.sampling import SamplingSettings  # noqa: E402
 from xinst_jax.model.llama import init_params  # noqa: E402
-from xinst_jax.model.presets import PRESETS  # noqa: E402
+from xinst_jax.config import load_model_preset  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
-    cfg = ModelConfig(**PRESETS["smollm2_135m"])
+    cfg = ModelConfig(**load_model_preset("smollm2_135m"))
     params = init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, size=max(1, args.prompt_len - 5 * i)).tolist()

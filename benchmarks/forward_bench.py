@@ -69,7 +69,7 @@ from xinst_jax.convert.hf import export_hf, import_hf  # noqa: E402
 from xinst_jax.model.attention import gqa_attention, segment_causal_mask  # noqa: E402
 from xinst_jax.model.llama import (attention_block, default_positions_and_segments, forward,  # noqa: E402
                                    init_params, mlp_block, rms_norm)
-from xinst_jax.model.presets import PRESETS  # noqa: E402
+from xinst_jax.config import load_model_preset  # noqa: E402
 from xinst_jax.model.rope import inverse_frequencies, rope_cos_sin  # noqa: E402
 from machine import cpu_flags, cpu_model  # noqa: E402
 
@@ -108,7 +108,7 @@ def load_models(random_weights: bool):
             return cfg, params, smol.model, f"SmolLM2-135M-Instruct real weights ({smol.directory})"
         except Exception as e:  # noqa: BLE001 - fall back, but say why
             print(f"! real weights unavailable ({type(e).__name__}: {e}); using random weights", flush=True)
-    cfg = ModelConfig(**PRESETS["smollm2_135m"])
+    cfg = ModelConfig(**load_model_preset("smollm2_135m"))
     params = init_params(cfg, jax.random.PRNGKey(0))
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(params, cfg, tmp, dtype="float32")
@@ -210,7 +210,7 @@ def sweep_worker(args) -> None:
         if (directory / "COMPLETE").exists():
             cfg, params = import_hf(directory)
     if params is None:
-        cfg = ModelConfig(**PRESETS["smollm2_135m"])
+        cfg = ModelConfig(**load_model_preset("smollm2_135m"))
         params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32))
     run, compile_s, _ = measure_ours(cfg, params, tokens)

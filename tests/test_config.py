@@ -16,14 +16,18 @@ from xinst_jax.config import (
     ExportConfig,
     ModelConfig,
     RopeScalingConfig,
+    architecture_is_default,
     available_configs,
+    check_same_architecture,
     dump_yaml,
     from_dict,
     load_config,
+    load_model_preset,
+    model_preset,
+    model_presets,
     resolve_config_path,
     save_resolved,
 )
-from xinst_jax.model.presets import PRESETS
 
 
 def write(path: Path, text: str) -> Path:
@@ -166,8 +170,40 @@ def test_yaml_scientific_floats(tmp_path):
 # --------------------------------------------------------------------------- presets
 
 
+# The published checkpoints' config.json numbers: (vocab, hidden, layers, heads, kv heads, head dim,
+# intermediate, rope theta, max positions, tied, bos, eos).
+PUBLISHED = {
+    "smollm2_135m": (49152, 576, 30, 9, 3, 64, 1536, 100000.0, 8192, True, 1, 2),
+    "llama2_7b": (32000, 4096, 32, 32, 32, 128, 11008, 10000.0, 4096, False, 1, 2),
+    "llama2_13b": (32000, 5120, 40, 40, 40, 128, 13824, 10000.0, 4096, False, 1, 2),
+    "llama3_8b": (128256, 4096, 32, 32, 8, 128, 14336, 500000.0, 8192, False, 128000, 128001),
+}
+
+
+def test_preset_files_hold_the_published_numbers():
+    assert set(model_presets()) == {"tiny", *PUBLISHED}
+    fields = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+              "rope_theta", "max_seq_len", "tie_embeddings", "bos_token_id", "eos_token_id")
+    for name, numbers in PUBLISHED.items():
+        model = model_preset(name)
+        assert tuple(getattr(model, f) for f in fields) == numbers, name
+        assert model.rope_scaling.type == "none" and model.preset == name
+    assert model_preset("tiny", num_layers=1).num_layers == 1
+
+
+def test_config_module_does_not_import_the_model():
+    import subprocess
+    import sys
+
+    code = ("import sys, xinst_jax.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('xinst_jax.model', 'jax'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=config_mod.CONFIG_DIR.parent).stdout
+    assert out.strip() == "[]", out
+
+
 def test_preset_values_and_explicit_keys_win(tmp_path):
-    tiny = PRESETS["tiny"]
+    tiny = load_model_preset("tiny")
     path = write(tmp_path / "c.yaml", f"""
         model:
           preset: tiny
@@ -187,7 +223,7 @@ def test_preset_values_and_explicit_keys_win(tmp_path):
 def test_preset_from_base_and_switch_by_set(tmp_path):
     write(tmp_path / "base.yaml", "model:\n  preset: tiny\n")
     child = write(tmp_path / "child.yaml", "base: base.yaml\n")
-    assert load(child).model.embed_dim == PRESETS["tiny"]["embed_dim"]
+    assert load(child).model.embed_dim == load_model_preset("tiny")["embed_dim"]
     big = load(child, "model.preset=llama2_7b").model
     assert (big.embed_dim, big.num_layers, big.vocab_size) == (4096, 32, 32000)
     plain = load(child, "model.preset=null").model  # back to the schema defaults
@@ -199,22 +235,77 @@ def test_unknown_preset_names_key_and_file(tmp_path):
     child = write(tmp_path / "child.yaml", "base: base.yaml\nseed: 1\n")
     msg = error_of(child)
     assert "model.preset" in msg and "base.yaml" in msg and "tinyy" in msg
+    assert "known: llama2_13b, llama2_7b, llama3_8b, smollm2_135m, tiny" in msg
     msg = error_of(child, "model.preset=gpt5")
     assert "model.preset" in msg and "--set" in msg and "gpt5" in msg
+    msg = error_of(child, "model.preset=../demo")  # a name, never a path out of configs/models
+    assert "unknown preset '../demo'" in msg
 
 
-def test_preset_with_nested_values_is_not_mutated(tmp_path, monkeypatch):
-    monkeypatch.setitem(PRESETS, "nested", dict(embed_dim=40, rope_scaling=dict(type="llama3", factor=8.0)))
+def test_preset_file_errors_name_the_preset_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_mod, "MODELS_DIR", tmp_path / "models")
+    write(tmp_path / "models" / "typo.yaml", "embed_dimm: 40\n")
+    write(tmp_path / "models" / "typed.yaml", "num_layers: two\n")
+    path = write(tmp_path / "c.yaml", "model:\n  preset: typo\n")
+    msg = error_of(path)
+    assert "models/typo.yaml" in msg and "model.embed_dimm" in msg
+    msg = error_of(path, "model.preset=typed")
+    assert "models/typed.yaml" in msg and "model.num_layers" in msg and "int" in msg
+
+
+def test_preset_with_nested_values(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_mod, "MODELS_DIR", tmp_path / "models")
+    write(tmp_path / "models" / "nested.yaml", "embed_dim: 40\nrope_scaling:\n  type: llama3\n  factor: 8.0\n")
     path = write(tmp_path / "c.yaml", "model:\n  preset: nested\n")
-    assert load(path, "model.rope_scaling.factor=2").model.rope_scaling.factor == 2.0
+    assert load(path, "model.rope_scaling.factor=2").model.rope_scaling.factor == 2.0  # merged into, not replaced
     again = load(path).model
-    assert again.rope_scaling.factor == 8.0 and again.rope_scaling.type == "llama3"
-    assert PRESETS["nested"]["rope_scaling"] == dict(type="llama3", factor=8.0)
+    assert again.rope_scaling.factor == 8.0 and again.rope_scaling.type == "llama3" and again.embed_dim == 40
 
 
 def test_preset_wrong_type(tmp_path):
     msg = error_of(write(tmp_path / "c.yaml", "model:\n  preset: [tiny]\n"))
     assert "model.preset" in msg and "c.yaml" in msg
+
+
+# --------------------------------------------------------------------------- cross-key checks
+
+
+def test_seq_len_above_max_seq_len_names_both(tmp_path):
+    path = write(tmp_path / "c.yaml", "model:\n  preset: tiny\ntrain:\n  seq_len: 600\n")
+    msg = error_of(path)
+    assert "c.yaml" in msg and "train.seq_len=600" in msg and "model.max_seq_len=512" in msg
+    assert "models/tiny.yaml" in msg
+    assert load(path, "model.max_seq_len=600").train.seq_len == 600
+    msg = error_of(write(tmp_path / "d.yaml", "seed: 1\n"), "train.seq_len=4096")  # no preset: schema default
+    assert "--set" in msg and "model.max_seq_len=2048" in msg
+    # left to a HF checkpoint's config.json: the trainer checks once it has read it
+    assert load(tmp_path / "d.yaml", "train.seq_len=4096", "train.init_from=/hf").train.seq_len == 4096
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def test_architecture_is_default():
+    assert architecture_is_default(ModelConfig())
+    assert architecture_is_default(ModelConfig(dtype="bfloat16", remat="full"))  # compute settings
+    assert not architecture_is_default(ModelConfig(preset="tiny"))
+    assert not architecture_is_default(ModelConfig(rope_theta=5e5))
+    assert not architecture_is_default(ModelConfig(eos_token_id=7))
+
+
+def test_check_same_architecture(caplog):
+    tiny = model_preset("tiny")
+    check_same_architecture(tiny, dataclasses.replace(tiny, dtype="bfloat16", remat="full"), "ckpt")
+    for saved in (dataclasses.replace(tiny, mlp_dim=192), {"mlp_dim": 192}):  # a dataclass or a saved dict
+        with pytest.raises(ConfigError) as e:
+            check_same_architecture(tiny, saved, "/ckpt/3")
+        msg = str(e.value)
+        assert msg.startswith("/ckpt/3: ") and "model.mlp_dim is 192 in the checkpoint but 176" in msg, msg
+    with caplog.at_level("WARNING"):  # the weights load; the numbers they were trained with differ
+        saved = {**dataclasses.asdict(tiny), "rope_theta": 5e5, "eos_token_id": 9}
+        check_same_architecture(tiny, saved, "hf/config.json")
+    assert "hf/config.json" in caplog.text and "model.rope_theta 500000.0 -> 10000.0" in caplog.text
+    assert "model.eos_token_id 9 -> 2" in caplog.text
 
 
 # --------------------------------------------------------------------------- errors

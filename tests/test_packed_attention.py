@@ -14,7 +14,7 @@ import pytest
 
 from xinst_jax.config import ModelConfig
 from xinst_jax.model.llama import forward, init_params
-from xinst_jax.model.presets import PRESETS
+from xinst_jax.config import load_model_preset
 
 TOL = 1e-5
 LENGTHS = (9, 13, 6)  # three documents
@@ -22,7 +22,8 @@ ROW = 32  # 28 real tokens, then 4 padding slots
 
 
 def tiny_cfg(scan: bool) -> ModelConfig:
-    return ModelConfig(**PRESETS["tiny"], dtype="float32", param_dtype="float32", scan_layers=scan, init_std=0.2)
+    return ModelConfig(**load_model_preset("tiny"), dtype="float32", param_dtype="float32", scan_layers=scan,
+                       init_std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def params():
 @pytest.fixture(scope="module")
 def docs():
     rng = np.random.default_rng(0)
-    return [rng.integers(3, PRESETS["tiny"]["vocab_size"], size=n, dtype=np.int32) for n in LENGTHS]
+    return [rng.integers(3, load_model_preset("tiny")["vocab_size"], size=n, dtype=np.int32) for n in LENGTHS]
 
 
 _JITTED: dict[bool, object] = {}
@@ -84,7 +85,7 @@ def test_packed_row_matches_each_sequence_alone(params, docs, scan):
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "no_scan"])
 def test_padding_ids_do_not_change_real_logits(params, docs, scan):
     cfg = tiny_cfg(scan)
-    vocab = PRESETS["tiny"]["vocab_size"]
+    vocab = load_model_preset("tiny")["vocab_size"]
     tokens, positions, segments, spans = pack(docs, pad_id=0)
     base = run(params, cfg, tokens, positions, segments)
     real = segments > 0

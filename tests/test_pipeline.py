@@ -183,10 +183,10 @@ def test_model_logits_on_a_packed_row_equal_each_example_alone(prepared):
 
     from xinst_jax.config import ModelConfig
     from xinst_jax.model.llama import forward, param_shapes
-    from xinst_jax.model.presets import PRESETS
+    from xinst_jax.config import load_model_preset
 
     root, examples = prepared
-    cfg = ModelConfig(**PRESETS["tiny"])
+    cfg = ModelConfig(**load_model_preset("tiny"))
     rng = np.random.default_rng(0)  # numpy init: compiling the jax initialiser costs seconds
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: (1.0 + 0.1 * rng.standard_normal(s.shape) if "scale" in jax.tree_util.keystr(path)

@@ -14,7 +14,7 @@ import pytest
 from hf_reference import hf_logits, load_smollm2
 from xinst_jax.convert.hf import import_hf
 from xinst_jax.model.llama import forward
-from xinst_jax.model.presets import PRESETS
+from xinst_jax.config import load_model_preset
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def our_logits(imported, batch):
 
 def test_imported_config_is_smollm2(imported):
     cfg, params = imported
-    preset = PRESETS["smollm2_135m"]
+    preset = load_model_preset("smollm2_135m")
     for key in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                 "rope_theta", "tie_embeddings"):
         assert getattr(cfg, key) == preset[key], key

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MODELS_DIR = CONFIG_DIR / "models"  # model presets: configs/models/<name>.yaml holds model.* values
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -61,7 +65,7 @@ class RopeScalingConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = None  # values of a named preset (model/presets.py) sit under explicit keys
+    preset: Optional[str] = None  # configs/models/<preset>.yaml; explicit model.* keys win over its values
     vocab_size: int = 256
     embed_dim: int = 64
     num_layers: int = 2
@@ -82,6 +86,50 @@ class ModelConfig:
     eos_token_id: int = 2
     pad_token_id: Optional[int] = None
     init_std: float = 0.02
+    # LoRA (model/llama.py): rank > 0 adds adapters on the attention and MLP projections, and then
+    # only the adapters train (the base weights stay bitwise as loaded); HF export merges them.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+# ModelConfig fields by what a checkpoint fixes. Weight shapes: weights load only into the same
+# numbers. The rest of the architecture: the weights load under other values but were trained
+# with these. Every other field (dtype, param_dtype, scan_layers, remat, init_std, LoRA) is a
+# run-time choice, ours to make for any weights.
+WEIGHT_SHAPE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                       "mlp_dim", "tie_embeddings")
+ARCHITECTURE_FIELDS = WEIGHT_SHAPE_FIELDS + ("rope_theta", "rope_scaling", "norm_eps", "max_seq_len",
+                                             "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def architecture_is_default(model: ModelConfig) -> bool:
+    """No preset and every architecture field at the schema default: the run leaves the
+    architecture to the checkpoint it loads (convert.hf.model_for_hf_dir)."""
+    default = ModelConfig()
+    return model.preset is None and all(getattr(model, f) == getattr(default, f) for f in ARCHITECTURE_FIELDS)
+
+
+def with_architecture_of(model: ModelConfig, source: ModelConfig) -> ModelConfig:
+    """`model` with `source`'s architecture fields; the run-time choices stay `model`'s."""
+    return dataclasses.replace(model, **{f: getattr(source, f) for f in ARCHITECTURE_FIELDS})
+
+
+def check_same_architecture(model: ModelConfig, saved: ModelConfig | Mapping[str, Any], where: str) -> None:
+    """Weights described by `saved` (a checkpoint's model config, as a dataclass or its dict) must
+    fit `model`: a weight-shape field that differs is a ConfigError naming the key and `where` (the
+    checkpoint's file or directory). Other architecture numbers that differ only warn: the weights
+    load, but were trained with the checkpoint's values."""
+    ours = dataclasses.asdict(model)
+    theirs = dataclasses.asdict(saved) if dataclasses.is_dataclass(saved) else dict(saved)
+    for name in WEIGHT_SHAPE_FIELDS:
+        if name in theirs and theirs[name] != ours[name]:
+            raise ConfigError(f"{where}: model.{name} is {theirs[name]} in the checkpoint but {ours[name]} in "
+                              "this run's config")
+    differ = [f"model.{n} {theirs[n]} -> {ours[n]}" for n in ARCHITECTURE_FIELDS
+              if n not in WEIGHT_SHAPE_FIELDS and n in theirs and theirs[n] != ours[n]]
+    if differ:
+        log.warning("%s: the run's config differs from the checkpoint's (%s)", where, "; ".join(differ))
 
 
 @dataclass
@@ -94,19 +142,28 @@ class ExportConfig:
     tokenizer_dir: str = ""  # tokenizer files copied into the export when set
 
 
+# Task templates (xinst_jax/tasks.py): data.template and generate.template choose among these.
+TEMPLATES = ("sft", "sft_assistant", "revgen", "evaluator", "raw")
+
+
 @dataclass
 class GenerateConfig:
     """Job `generate` (xinst_jax/infer/job.py) and the inference engine. Sampling defaults are the
-    released X-Instruction settings. Input: JSONL, one object per line with `id` (string or int)
-    and either `prompt`, or `instruction` and/or `text` (joined by `join`)."""
+    released X-Instruction settings. Input: records (JSONL, .jsonl.gz or Parquet; the prepare
+    job's reader), each with an `id` and the fields `template` prompts from (xinst_jax/tasks.py).
+    `template: raw` (the default: a plain completion job) prompts with `prompt`, else
+    `instruction` and/or `text` joined by `join`; set it to the template the model was trained
+    with (sft, sft_assistant, revgen, evaluator) to prompt it exactly as prepare wrote its data."""
 
     input: str = ""  # JSONL of prompts; empty: configs/data/generate_demo_prompts.jsonl
     output: str = ""  # output directory (shards, done-markers, output.jsonl, report.json); empty: <run_dir>/generate
     checkpoint: str = ""  # trainer checkpoint (step dir or checkpoints root) to load params from
     hf_dir: str = ""  # else a Hugging Face Llama directory (import_hf); neither: random init (a warning)
     tokenizer: str = "bytes"  # "bytes" (UTF-8 bytes + 3; ids 0/1/2 = pad/bos/eos) or a tokenizer.json (or a dir with one)
-    join: str = "\n\n"  # between `instruction` and `text` when a record has both
-    add_bos: bool = True  # prepend model.bos_token_id to every prompt
+    template: Literal[TEMPLATES] = "raw"  # the Task that turns a record into prompt tokens (BOS as the tokenizer adds it)
+    lang: str = ""  # fills records without a `lang` (sft, sft_assistant and evaluator name the language)
+    strict: bool = False  # any bad input line is an error naming file:line:field (else skipped and reported)
+    join: str = "\n\n"  # raw: between `instruction` and `text` when a record has both
     max_new_tokens: int = 128
     temperature: float = 0.7  # 0: greedy
     top_p: float = 0.9  # 1.0: off
@@ -120,7 +177,6 @@ class GenerateConfig:
     prompt_buckets: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # longer prompts lose their start
     weight_dtype: Literal["", "float32", "bfloat16"] = ""  # "": as loaded (model.param_dtype)
     kv_dtype: Literal["", "float32", "bfloat16"] = ""  # "": float32
-    attention_kernel: Literal["auto", "xla", "native"] = "auto"  # decode attention: "native" = the CPU kernel (one CPU device; xinst_jax/infer/native_kernels.py); "auto": it where it applies and builds
     decode_segments: int = 4  # the decode loop runs in up to this many segments, its KV cache growing between them (1: one full-length cache)
     seed: int = 0  # sampling seed; a record's sample depends only on (seed, its index in the input)
     shard_size: int = 64  # records per output shard: the unit of resume
@@ -138,7 +194,10 @@ def _default_rules() -> list[list[Any]]:
             # constraints GSPMD may follow the fsdp-sharded weights and replicate the batch.
             ["activation_batch", ["data", "fsdp"]], ["activation_length", None], ["activation_embed", None],
             ["activation_heads", "tensor"], ["activation_kv_heads", "tensor"], ["activation_mlp", "tensor"],
-            ["activation_vocab", "tensor"]]
+            ["activation_vocab", "tensor"],
+            # The KV cache shards with the weights: rows like the batch, kv heads like the k/v weights.
+            ["cache_batch", ["data", "fsdp"]], ["cache_kv_heads", "tensor"], ["cache_sequence", None],
+            ["cache_head_dim", None]]
 
 
 @dataclass
@@ -225,7 +284,7 @@ class DataConfig:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     # prepare: records -> template -> tokens -> TFRecord shards + manifest.json
     inputs: list[DataInputConfig] = field(default_factory=list)
-    template: Literal["revgen", "sft", "evaluator"] = "sft"
+    template: Literal[TEMPLATES] = "sft"  # xinst_jax/tasks.py; sft + sft_assistant_style is sft_assistant
     tokenizer: str = ""  # SentencePiece .model, HF tokenizer.json, or a directory holding one
     prepared_dir: str = ""  # empty: <run_dir>/data
     num_shards: int = 8
@@ -234,7 +293,7 @@ class DataConfig:
     max_chars: int = 20000  # longer text fields are skipped (counted)
     strict: bool = False  # any bad record is an error naming file:line:field
     split: str = "train"  # prepare: shard names <prepared_dir>/<split>-00000-of-000NN.tfrecord
-    sft_assistant_style: bool = False  # sft: "Answer in {Language} and the style of an AI assistant."
+    sft_assistant_style: bool = False  # sft: "Answer in {Language} and the style of an AI assistant." (= template sft_assistant)
     # train_tokenizer: SentencePiece BPE with byte fallback on the text fields of `inputs`
     tokenizer_vocab_size: int = 4096
     tokenizer_character_coverage: float = 0.9995
@@ -382,24 +441,48 @@ def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         _merge(raw, _nest(key, value), origin, "--set")
     raw.setdefault("name", path.stem)
     _apply_model_preset(raw, origin)
-    return from_dict(Config, raw, origin)
+    cfg = from_dict(Config, raw, origin)
+    validate(cfg, origin)
+    return cfg
+
+
+def model_presets() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
+def load_model_preset(name: str, source: str = "model.preset") -> dict:
+    """The model.* values of configs/models/<name>.yaml, as a fresh dict (`source`: who named it)."""
+    path = MODELS_DIR / f"{name}.yaml"
+    if name not in model_presets():  # also keeps `../x` from naming a file outside configs/models
+        raise ConfigError(f"{source}: model.preset: unknown preset '{name}' (known: {', '.join(model_presets())})")
+    try:
+        values = _yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"models/{path.name}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"models/{path.name}: top level must be a mapping of model.* keys")
+    return values
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A preset as a ModelConfig (tests, benchmarks); `overrides` replace fields."""
+    values = load_model_preset(name)
+    origin = {f"model.{key}": f"models/{name}.yaml" for key in _dotted_keys(values, "")}
+    return dataclasses.replace(from_dict(ModelConfig, values, origin, "model."), preset=name, **overrides)
 
 
 def _apply_model_preset(raw: dict, origin: dict) -> None:
+    """Fill model.* from the named preset under the keys the configs set (they win)."""
     model = raw.get("model")
     if not isinstance(model, dict) or not model.get("preset"):
         return
-    from xinst_jax.model.presets import PRESETS
-
     name = model["preset"]
     if not isinstance(name, str):
         return  # from_dict reports the wrong type
-    if name not in PRESETS:
-        src = origin.get("model.preset", "?")
-        raise ConfigError(f"{src}: model.preset: unknown preset '{name}' (known: {', '.join(sorted(PRESETS))})")
+    values = load_model_preset(name, origin.get("model.preset", "?"))
     merged: dict = {}
     preset_origin: dict[str, str] = {}
-    _merge(merged, PRESETS[name], preset_origin, f"model.preset={name}", "model.")
+    _merge(merged, values, preset_origin, f"models/{name}.yaml", "model.")
     for key, src in preset_origin.items():
         origin.setdefault(key, src)  # explicit keys keep their file
     _merge(merged, model, {}, "")
@@ -491,6 +574,23 @@ def from_dict(cls: type, data: dict, origin: dict | None = None, prefix: str = "
             raise ConfigError(f"{source}: unknown key '{dotted}' (valid keys here: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(hints[key], value, dotted, source, origin)
     return cls(**kwargs)
+
+
+def validate(cfg: Config, origin: Mapping[str, str] | None = None) -> None:
+    """Checks across keys (from_dict checks each key's type). `origin`: dotted key -> the file
+    that set it, for the message."""
+    origin = origin or {}
+
+    def src(key: str) -> str:
+        return origin.get(key, "config")
+
+    model, train = cfg.model, cfg.train
+    # A model left at the defaults with train.init_from takes max_seq_len from its config.json;
+    # the trainer checks again once it has it.
+    if train.seq_len > model.max_seq_len and not (train.init_from and architecture_is_default(model)):
+        where = origin.get("model.max_seq_len", "the schema default")
+        raise ConfigError(f"{src('train.seq_len')}: train.seq_len={train.seq_len} is above model.max_seq_len="
+                          f"{model.max_seq_len} ({where}); shorten the rows or raise model.max_seq_len")
 
 
 def to_dict(cfg: Any) -> dict:
