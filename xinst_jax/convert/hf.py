@@ -16,9 +16,10 @@ from typing import Callable
 import jax
 import numpy as np
 
-from xinst_jax.config import ConfigError, ModelConfig, RopeScalingConfig
+from xinst_jax.config import (ConfigError, ModelConfig, RopeScalingConfig, architecture_is_default,
+                              check_same_architecture, with_architecture_of)
 from xinst_jax.convert.safetensors_io import SafetensorsFile, iter_checkpoint_files, write_streaming
-from xinst_jax.model.llama import DTYPES, Params, param_specs
+from xinst_jax.model.llama import DTYPES, Params, merge_lora, param_shapes
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
@@ -165,6 +166,16 @@ def load_hf_config(directory: str | Path) -> ModelConfig:
     return config_from_hf(json.loads(path.read_text()), source=str(path))
 
 
+def model_for_hf_dir(model: ModelConfig, directory: str | Path) -> ModelConfig:
+    """The model config to load the weights in `directory` with: the run's own, unless its
+    architecture is left at the schema defaults (model.preset null, no architecture key set);
+    then config.json's architecture with the run's other choices (dtype, scan, remat, LoRA).
+    A set architecture is never replaced: import_hf then checks that it fits the weights."""
+    if not architecture_is_default(model):
+        return model
+    return with_architecture_of(model, load_hf_config(directory))
+
+
 def import_hf(directory: str | Path, cfg: ModelConfig | None = None,
               shardings: dict | None = None) -> tuple[ModelConfig, Params]:
     """Read a HF Llama directory into our params (param_dtype of `cfg`, placed by `shardings`).
@@ -174,14 +185,14 @@ def import_hf(directory: str | Path, cfg: ModelConfig | None = None,
     """
     hf_cfg = load_hf_config(directory)
     cfg = cfg or hf_cfg
-    _check_same_architecture(cfg, hf_cfg, directory)
+    check_same_architecture(cfg, hf_cfg, f"{directory}/config.json")
     tensors: dict[str, SafetensorsFile] = {}
     for file in iter_checkpoint_files(directory):
         st = SafetensorsFile(file)
         for name in st.names():
             tensors[name] = st
     dtype = np.dtype(DTYPES[cfg.param_dtype])
-    specs = param_specs(cfg)
+    shapes = param_shapes(cfg)
     maps = tensor_maps(cfg)
     missing = [m.hf_name for m in maps if m.hf_name not in tensors]
     if missing:
@@ -196,7 +207,7 @@ def import_hf(directory: str | Path, cfg: ModelConfig | None = None,
         by_path.setdefault(m.path, []).append(m)
     params: dict = {}
     for path, group in by_path.items():
-        shape = _get(specs, path)[0]
+        shape = _get(shapes, path).shape
         host = np.empty(shape, dtype)  # one leaf at a time on the host
         for m in group:
             value = m.from_hf(np.asarray(tensors[m.hf_name].get(m.hf_name), np.float32)).astype(dtype)
@@ -211,15 +222,6 @@ def import_hf(directory: str | Path, cfg: ModelConfig | None = None,
         node[path[-1]] = jax.device_put(host, sharding) if sharding is not None else jax.numpy.asarray(host)
         del host
     return cfg, params
-
-
-def _check_same_architecture(cfg: ModelConfig, hf_cfg: ModelConfig, directory) -> None:
-    fields = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-              "tie_embeddings")
-    for name in fields:
-        if getattr(cfg, name) != getattr(hf_cfg, name):
-            raise ConfigError(f"{directory}/config.json: model.{name} is {getattr(cfg, name)} in the run config "
-                              f"but {getattr(hf_cfg, name)} in the checkpoint")
 
 
 # --------------------------------------------------------------------------- export
@@ -252,7 +254,10 @@ def _fetch(params: Params, m: TensorMap) -> np.ndarray:
 
 def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "bfloat16",
               max_shard_bytes: int = 5_000_000_000, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write `out_dir` loadable by transformers.AutoModelForCausalLM.from_pretrained."""
+    """Write `out_dir` loadable by transformers.AutoModelForCausalLM.from_pretrained. LoRA adapters
+    (model.lora_rank > 0) are merged into their weights first: the export is a plain Llama."""
+    if cfg.lora_rank > 0:
+        params = jax.jit(lambda p: merge_lora(p, cfg))(params)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(DTYPES[dtype])

@@ -1,4 +1,4 @@
-"""Grouped-query attention over packed rows: causal, never crossing segments."""
+"""Grouped-query attention over packed rows or a KV cache: causal, never crossing segments."""
 
 from __future__ import annotations
 
@@ -22,17 +22,19 @@ def segment_causal_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
 
 
 def gqa_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """q [B, T, H, D], k/v [B, S, KV, D], mask [B, T, S] -> [B, T, H, D].
+    """q [B, T, H, D], k/v [B, KV, S, D] (the KV cache's layout), mask [B, T, S] -> [B, T, H, D].
 
-    Query heads are grouped onto their KV head by reshaping (head h uses KV head h // groups,
-    as HF's repeat_kv does) instead of materialising repeated keys and values.
+    Query head h uses KV head h // (H / KV), as HF's repeat_kv does, by grouping the queries of
+    one KV head into the rows of its matmul ([B, KV, G*T, D]) instead of repeating keys and
+    values. Scores, softmax and the probabilities' accumulation are float32 whatever the inputs.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    dtype = q.dtype
+    kv = k.shape[1]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d).astype(k.dtype)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
+    probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(dtype)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from xinst_jax.config import Config, ConfigError
-from xinst_jax.model.llama import logical_axes, param_shapes
+from xinst_jax.model.llama import init_params, join_trainable, logical_axes, param_shapes, split_trainable
 from xinst_jax.sharding import (activation_sharding, batch_sharding, make_mesh, parse_rules, replicated,
                                 state_shardings_like_params, tree_shardings)
 from xinst_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -80,8 +80,13 @@ def load_pretrained(cfg: Config, rng: jax.Array, optimizer, state_sh: dict) -> d
     if not Path(cfg.train.init_from).is_dir():
         raise ConfigError(f"train.init_from: {cfg.train.init_from} is not a directory")
     _, params = import_hf(cfg.train.init_from, cfg.model, shardings=state_sh["params"])
-    opt_state = jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params)
-    _, state_rng = jax.random.split(rng)  # the same split init_state makes
+    params_rng, state_rng = jax.random.split(rng)  # the same split init_state makes
+    if cfg.model.lora_rank > 0:  # fresh adapters (b = 0) beside the imported weights
+        adapter_sh = split_trainable(state_sh["params"], cfg.model)[0]
+        adapters = jax.jit(lambda k: split_trainable(init_params(cfg.model, k), cfg.model)[0],
+                           out_shardings=adapter_sh)(params_rng)
+        params = join_trainable(adapters, params)
+    opt_state = jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(split_trainable(params, cfg.model)[0])
     step = jax.device_put(np.zeros((), np.int32), state_sh["step"])
     return {"step": step, "params": params, "opt_state": opt_state,
             "rng": jax.device_put(state_rng, state_sh["rng"])}

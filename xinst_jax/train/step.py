@@ -1,4 +1,7 @@
-"""Train state and the train step: scanned gradient accumulation, one global normalisation."""
+"""Train state and the train step: scanned gradient accumulation, one global normalisation.
+
+With LoRA (`model.lora_rank > 0`) only the adapters are differentiated and updated: the optimizer
+state covers them alone, and the base weights pass through the step untouched (bitwise)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from xinst_jax.config import ModelConfig, TrainConfig
-from xinst_jax.model.llama import forward, init_params
+from xinst_jax.model.llama import forward, init_params, join_trainable, split_trainable
 from xinst_jax.train.loss import weighted_cross_entropy
 
 Batch = dict[str, jnp.ndarray]  # the keys of data.batch.BATCH_KEYS, each [B, T]
@@ -19,8 +22,8 @@ def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, 
     """{step, params, opt_state, rng}: a plain pytree, so orbax and shardings see it directly."""
     params_rng, state_rng = jax.random.split(rng)
     params = init_params(model_cfg, params_rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
-            "rng": state_rng}
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": optimizer.init(split_trainable(params, model_cfg)[0]), "rng": state_rng}
 
 
 class StepSums(NamedTuple):
@@ -30,7 +33,8 @@ class StepSums(NamedTuple):
     real_tokens: jnp.ndarray  # non-padding tokens
 
 
-def _micro_sums(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
+def _micro_sums(trainable, frozen, batch: Batch, model_cfg: ModelConfig, z_loss: float):
+    params = join_trainable(trainable, frozen)
     logits = forward(params, batch["inputs"], batch["positions"], batch["segment_ids"], model_cfg)
     loss, z = weighted_cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
     sums = StepSums(loss, z, jnp.sum(batch["loss_weights"].astype(jnp.float32)),
@@ -39,12 +43,14 @@ def _micro_sums(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
 
 
 def loss_and_grads(params, batch: Batch, model_cfg: ModelConfig, train_cfg: TrainConfig):
-    """Gradient of (sum of token losses / loss tokens in the global batch), with the batch split
-    into `grad_accum` micro-batches scanned in sequence. Equal to the one-big-batch gradient."""
+    """Gradient of (sum of token losses / loss tokens in the global batch) with respect to the
+    trainable params, with the batch split into `grad_accum` micro-batches scanned in sequence.
+    Equal to the one-big-batch gradient."""
+    params, frozen = split_trainable(params, model_cfg)
     grad_fn = jax.value_and_grad(_micro_sums, has_aux=True)
     accum = train_cfg.grad_accum
     if accum == 1:
-        (_, sums), grads = grad_fn(params, batch, model_cfg, train_cfg.z_loss)
+        (_, sums), grads = grad_fn(params, frozen, batch, model_cfg, train_cfg.z_loss)
     else:
         # Micro-batch i takes rows i, i+accum, ...: each data shard holds contiguous rows, so
         # every shard contributes equally to every micro-batch and the scan needs no resharding.
@@ -52,7 +58,7 @@ def loss_and_grads(params, batch: Batch, model_cfg: ModelConfig, train_cfg: Trai
 
         def body(carry, mb):
             grads_acc, sums_acc = carry
-            (_, sums), grads = grad_fn(params, mb, model_cfg, train_cfg.z_loss)
+            (_, sums), grads = grad_fn(params, frozen, mb, model_cfg, train_cfg.z_loss)
             return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -67,8 +73,9 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: o
                     lr_schedule: Callable[[Any], Any]) -> Callable[[dict, Batch], tuple[dict, dict]]:
     def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
         sums, grads = loss_and_grads(state["params"], batch, model_cfg, train_cfg)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        trainable, frozen = split_trainable(state["params"], model_cfg)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        params = join_trainable(optax.apply_updates(trainable, updates), frozen)
         denom = jnp.maximum(sums.weight, 1.0)
         metrics = {
             "loss": sums.loss / denom,
