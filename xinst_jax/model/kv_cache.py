@@ -1,0 +1,77 @@
+"""The KV cache: an input and an output of every decoder layer (prefill and decode modes).
+
+Per layer, keys and values are [batch, kv_heads, length, head_dim]: the layout both attention
+matmuls read in place (a [batch, length, kv_heads, head_dim] cache is transposed, i.e. copied
+whole, on every decode step). Which slot holds which document is `segment_ids` ([batch, length],
+0 = empty or padding), so left-padded prompts, packed prompts and rows that stop early all mask
+the same way as packed training rows. The cache's logical axes (`CACHE_AXES`) are mapped to mesh
+axes by `mesh.rules`, so it shards with the weights (kv heads over `tensor`, rows over the data
+axes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_sequence", "cache_head_dim")
+CACHE_SEGMENT_AXES = ("cache_batch", "cache_sequence")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: Any  # per-layer list of [B, KV, S, D], or one [layers, B, KV, S, D] array for scanned layers
+    v: Any
+    segment_ids: jax.Array  # [B, S] int32: the segment of the token in each slot (0: empty / padding)
+    index: jax.Array  # [] int32: the slot the next token is written to
+
+    @property
+    def length(self) -> int:
+        return self.segment_ids.shape[1]
+
+
+def init_cache(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Any,
+               stacked: bool = False) -> KVCache:
+    shape = (batch, kv_heads, length, head_dim)
+    if stacked:
+        k = jnp.zeros((num_layers,) + shape, dtype)
+        v = jnp.zeros((num_layers,) + shape, dtype)
+    else:
+        k = [jnp.zeros(shape, dtype) for _ in range(num_layers)]
+        v = [jnp.zeros(shape, dtype) for _ in range(num_layers)]
+    return KVCache(k, v, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def grow_cache(cache: KVCache, length: int) -> KVCache:
+    """The same cache with empty slots appended up to `length` (a copy; a no-op at that length)."""
+    extra = length - cache.length
+    if extra == 0:
+        return cache
+    if extra < 0:
+        raise ValueError(f"cannot shrink a KV cache of {cache.length} slots to {length}")
+
+    def pad(x):
+        widths = [(0, 0)] * x.ndim
+        widths[-2] = (0, extra)  # the sequence axis of [..., S, D]
+        return jnp.pad(x, widths)
+
+    return KVCache(jax.tree.map(pad, cache.k), jax.tree.map(pad, cache.v),
+                   jnp.pad(cache.segment_ids, ((0, 0), (0, extra))), cache.index)
+
+
+def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """buffer [B, KV, S, D] with new [B, KV, T, D] written from slot `index`, in place.
+
+    16-bit floats are written through their uint16 bits: some backends (XLA:CPU) otherwise widen
+    a bfloat16 dynamic-update-slice to float32, converting the whole cache there and back."""
+    new = new.astype(buffer.dtype)
+    start = (0, 0, index, 0)
+    if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating):
+        return jax.lax.dynamic_update_slice(buffer, new, start)
+    bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(buffer, jnp.uint16),
+                                        jax.lax.bitcast_convert_type(new, jnp.uint16), start)
+    return jax.lax.bitcast_convert_type(bits, buffer.dtype)
