@@ -20,6 +20,7 @@ setup(
         "tokenizers>=0.20",
         "sentencepiece>=0.2.0",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",  # TensorBoard events without TensorFlow
         "psutil>=5.9",
     ],
     extras_require={

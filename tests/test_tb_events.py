@@ -1,22 +1,43 @@
-"""Our hand-encoded TensorBoard event files read back through TensorFlow's own event reader."""
+"""TensorBoard events written by the trainer's MetricsLogger (tensorboardX), read back through
+TensorFlow's own event reader."""
+
+import json
 
 import pytest
 
-from xinst_jax.train.tb_events import EventWriter, crc32c
+from xinst_jax.train.metrics import MetricsLogger
 
 
-def test_crc32c_known_vector():
-    # RFC 3720 (iSCSI) check value for the ASCII digits 1..9.
-    assert crc32c(b"123456789") == 0xE3069283
-
-
-def test_event_file_reads_back_in_tensorflow(tmp_path):
+def test_metrics_read_back_from_tensorboard_events(tmp_path):
     tf = pytest.importorskip("tensorflow")
-    writer = EventWriter(tmp_path)
-    writer.scalars(1, {"loss": 2.5, "learning_rate": 1e-3})
-    writer.scalars(2, {"loss": 2.25})
-    writer.close()
-    events = list(tf.compat.v1.train.summary_iterator(str(writer.path)))
+    logger = MetricsLogger(tmp_path, total_steps=3, start_step=0)
+    logger.log(1, {"loss": 2.5, "learning_rate": 1e-3})
+    logger.log(2, {"loss": 2.25, "mfu": 0.125})
+    logger.close()
+
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    events = list(tf.compat.v1.train.summary_iterator(str(files[0])))
     assert events[0].file_version == "brain.Event:2"
-    got = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
-    assert got == [(1, "loss", 2.5), (1, "learning_rate", pytest.approx(1e-3)), (2, "loss", 2.25)]
+    got = []
+    for event in events[1:]:
+        for value in event.summary.value:
+            # tensorboardX writes simple_value; newer writers a scalar tensor: accept either
+            number = value.simple_value if value.HasField("simple_value") else tf.make_ndarray(value.tensor).item()
+            got.append((event.step, value.tag, number))
+    assert got == [(1, "loss", 2.5), (1, "learning_rate", pytest.approx(1e-3)), (2, "loss", 2.25),
+                   (2, "mfu", 0.125)]
+    # metrics.jsonl holds the same values
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 2.5), (2, 2.25)]
+
+
+def test_resumed_run_appends_a_new_event_file(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    for step in (1, 2):  # two runs of the same run_dir (a resume)
+        logger = MetricsLogger(tmp_path, total_steps=2, start_step=step - 1)
+        logger.log(step, {"loss": float(step)})
+        logger.close()
+    steps = sorted(e.step for f in (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+                   for e in tf.compat.v1.train.summary_iterator(str(f)) if e.summary.value)
+    assert steps == [1, 2]

@@ -19,12 +19,9 @@ from jax.experimental import multihost_utils
 from etils import epath
 from orbax.checkpoint import args as ocp_args
 
-from xinst_jax.config import CheckpointConfig, ConfigError, ModelConfig
+from xinst_jax.config import CheckpointConfig, ConfigError, ModelConfig, check_same_architecture
 
 log = logging.getLogger(__name__)
-
-ARCHITECTURE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                       "mlp_dim", "tie_embeddings")
 
 
 class ProcessLocalJsonHandler(ocp.JsonCheckpointHandler):
@@ -162,14 +159,6 @@ def _path_name(path: Any) -> str:
     return "/".join(parts)
 
 
-def check_same_architecture(saved_config: dict, model_cfg: ModelConfig, where: str) -> None:
-    saved_model = saved_config.get("model", {})
-    for name in ARCHITECTURE_FIELDS:
-        if name in saved_model and saved_model[name] != getattr(model_cfg, name):
-            raise ConfigError(f"{where}: model.{name} is {saved_model[name]} in the checkpoint but "
-                              f"{getattr(model_cfg, name)} in this run's config")
-
-
 def resolve_step_dir(path: str | Path) -> epath.Path:
     """A step dir (has `state/`), or a checkpoints root whose latest step is taken."""
     path = epath.Path(path)
@@ -188,7 +177,7 @@ def load_params_for_export(path: str | Path, model_cfg: ModelConfig) -> Any:
     step_dir = resolve_step_dir(path)
     config_file = step_dir / "config" / "metadata"
     if config_file.exists():
-        check_same_architecture(json.loads(config_file.read_text()), model_cfg, str(step_dir))
+        check_same_architecture(model_cfg, json.loads(config_file.read_text()).get("model", {}), str(step_dir))
     from xinst_jax.model.llama import param_shapes
 
     target = {"params": param_shapes(model_cfg)}

@@ -255,6 +255,10 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
     resume: bool = True
+    # SIGTERM: with several processes the hosts agree on it (one all-gather) every this many steps
+    # and at checkpoint steps, and all stop and save after the same step; one process stops after
+    # the step in flight.
+    preemption_sync_every: int = 10
 
 
 @dataclass
@@ -591,6 +595,10 @@ def validate(cfg: Config, origin: Mapping[str, str] | None = None) -> None:
         where = origin.get("model.max_seq_len", "the schema default")
         raise ConfigError(f"{src('train.seq_len')}: train.seq_len={train.seq_len} is above model.max_seq_len="
                           f"{model.max_seq_len} ({where}); shorten the rows or raise model.max_seq_len")
+    for key in ("checkpoint.every", "checkpoint.preemption_sync_every"):
+        value = getattr(cfg.checkpoint, key.split(".")[1])
+        if value < 1:
+            raise ConfigError(f"{src(key)}: {key}: must be >= 1, got {value}")
 
 
 def to_dict(cfg: Any) -> dict:

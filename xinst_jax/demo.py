@@ -56,10 +56,6 @@ def demo_job(cfg: Config) -> None:
                                 eos_token_id=tokenizer.eos_id)
     cfg = dataclasses.replace(cfg, model=model)
     save_resolved(cfg)  # the run directory's config.yaml now holds the derived paths and vocabulary
-    result = run_finetune(cfg)
-    if result.history:
-        first, last = result.history[0], result.history[-1]
-        print(f"train: loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
-              f"(step {last['step']})", flush=True)
+    run_finetune(cfg)  # the trainer prints the loss summary
     print(f"demo finished in {time.time() - start:.0f}s; Hugging Face export in "
           f"{Path(cfg.export.out or cfg.resolved_run_dir() / 'hf')}", flush=True)

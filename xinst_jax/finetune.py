@@ -59,8 +59,4 @@ def run_finetune(cfg: Config):
 @register_job("finetune")
 def finetune_job(cfg: Config) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = run_finetune(cfg)
-    if result.history:
-        first, last = result.history[0], result.history[-1]
-        print(f"train: loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})",
-              flush=True)
+    run_finetune(cfg)  # the trainer prints the loss summary

@@ -11,7 +11,8 @@ Where the params come from, first match wins:
    checkpoint that disagrees, naming the field. One exception: when `model` is left entirely at the
    schema defaults (`model.preset` null and no architecture key set, e.g. `--set model.preset=null`
    on top of base.yaml's preset), the checkpoint's config.json supplies the architecture, and the
-   run's compute settings (dtype, param_dtype, scan_layers, remat) are kept. A set architecture is
+   run's own choices (dtype, param_dtype, scan_layers, remat, LoRA) are kept
+   (`convert.hf.model_for_hf_dir`, as for generate and train.init_from). A set architecture is
    never silently replaced: a run config that says 7B must not export whatever the directory holds.
 3. Otherwise: fresh random params from `seed` (`init_params(model, PRNGKey(seed))`), e.g. to get
    a loadable HF directory for a new architecture.
@@ -23,19 +24,12 @@ multi-host pod, export from a checkpoint on one host.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from pathlib import Path
 
-from xinst_jax.config import Config, ConfigError, ModelConfig
+from xinst_jax.config import Config, ConfigError
 from xinst_jax.jobs import register_job
-
-# ModelConfig fields that describe the weights (the rest are ours to choose at run time).
-ARCHITECTURE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                       "mlp_dim", "rope_theta", "rope_scaling", "norm_eps", "tie_embeddings", "max_seq_len",
-                       "bos_token_id", "eos_token_id", "pad_token_id")
-COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
 
 
 def _existing_dir(key: str, value: str) -> Path:
@@ -44,11 +38,6 @@ def _existing_dir(key: str, value: str) -> Path:
         what = "is not a directory" if path.exists() else "not found"
         raise ConfigError(f"{key}: directory {value} {what}")
     return path
-
-
-def _architecture_is_default(model: ModelConfig) -> bool:
-    default = ModelConfig()
-    return model.preset is None and all(getattr(model, f) == getattr(default, f) for f in ARCHITECTURE_FIELDS)
 
 
 def load_export_params(cfg: Config):
@@ -66,17 +55,13 @@ def load_export_params(cfg: Config):
                               "(module xinst_jax.checkpoint is missing)") from None
         return cfg.model, load_params_for_export(str(path), cfg.model), f"checkpoint {path}"
     if export.hf_source:
-        from xinst_jax.convert.hf import import_hf, load_hf_config
+        from xinst_jax.convert.hf import import_hf, model_for_hf_dir
 
         path = _existing_dir("export.hf_source", export.hf_source)
         if not (path / "config.json").exists():
             raise ConfigError(f"export.hf_source: {path} has no config.json (not a Hugging Face model directory)")
-        model = cfg.model
-        if _architecture_is_default(model):
-            hf_model = load_hf_config(path)
-            model = dataclasses.replace(hf_model, **{f: getattr(cfg.model, f) for f in COMPUTE_FIELDS})
         try:
-            model, params = import_hf(path, model)
+            model, params = import_hf(path, model_for_hf_dir(cfg.model, path))
         except ConfigError as e:
             raise ConfigError(f"export.hf_source: {e} (set model.preset or model.* to the checkpoint's "
                               f"architecture, or model.preset=null to take it from config.json)") from None

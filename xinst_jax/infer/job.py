@@ -217,13 +217,6 @@ def check_manifest(out: Path, manifest: dict) -> None:
 # --------------------------------------------------------------------------- model
 
 
-def _architecture_is_default(model: ModelConfig) -> bool:
-    from xinst_jax.convert.export_job import ARCHITECTURE_FIELDS
-
-    default = ModelConfig()
-    return model.preset is None and all(getattr(model, f) == getattr(default, f) for f in ARCHITECTURE_FIELDS)
-
-
 def load_model(cfg: Config) -> tuple[ModelConfig, Any, str]:
     """(model config, params, where they came from): generate.checkpoint, else generate.hf_dir,
     else a random init from `seed` (with a warning)."""
@@ -235,17 +228,13 @@ def load_model(cfg: Config) -> tuple[ModelConfig, Any, str]:
             raise ConfigError(f"generate.checkpoint: {gen.checkpoint} not found")
         return cfg.model, load_params_for_export(gen.checkpoint, cfg.model), f"checkpoint {gen.checkpoint}"
     if gen.hf_dir:
-        from xinst_jax.convert.export_job import COMPUTE_FIELDS
-        from xinst_jax.convert.hf import import_hf, load_hf_config
+        from xinst_jax.convert.hf import import_hf, model_for_hf_dir
 
         path = Path(gen.hf_dir)
         if not (path / "config.json").is_file():
             raise ConfigError(f"generate.hf_dir: {path} is not a Hugging Face model directory (no config.json)")
-        model = cfg.model
-        if _architecture_is_default(model):
-            model = dataclasses.replace(load_hf_config(path), **{f: getattr(cfg.model, f) for f in COMPUTE_FIELDS})
         try:
-            model, params = import_hf(path, model)
+            model, params = import_hf(path, model_for_hf_dir(cfg.model, path))
         except ConfigError as e:
             raise ConfigError(f"generate.hf_dir: {e} (set model.preset to the checkpoint's architecture, or "
                               "model.preset=null to take it from config.json)") from None

@@ -1,14 +1,16 @@
-"""Per-step metrics: metrics.jsonl, TensorBoard events and a progress bar, on process 0 only."""
+"""Per-step metrics: metrics.jsonl, TensorBoard events (tensorboardX) and a progress bar, on
+process 0 only."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import jax
 
-from xinst_jax.train.tb_events import EventWriter
+TB_FLUSH_SECS = 10  # metrics.jsonl is the durable record (flushed every step); TensorBoard may lag
 
 
 class MetricsLogger:
@@ -19,13 +21,15 @@ class MetricsLogger:
         self._tb = None
         if not self.enabled:
             return
+        from tensorboardX import SummaryWriter  # no TensorFlow; imported only where it writes
         from tqdm import tqdm
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a")
-        self._tb = EventWriter(run_dir / "tensorboard")
-        import sys
-
+        # The file name has the time in seconds: the start step keeps a quick resume from
+        # reusing (and truncating) the previous run's file.
+        self._tb = SummaryWriter(logdir=str(run_dir / "tensorboard"), flush_secs=TB_FLUSH_SECS,
+                                 filename_suffix=f".from{start_step}")
         # Redraw at most every 10 s into logs (no TTY), live on a terminal.
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train",
                          mininterval=0.1 if sys.stderr.isatty() else 10.0)
@@ -36,12 +40,10 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **metrics}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        self._tb.scalars(step, metrics)
+        for tag, value in metrics.items():
+            self._tb.add_scalar(tag, value, step)
         self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", mfu=f"{metrics.get('mfu', 0):.1%}")
-
-    def advance(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
+        self._bar.update(step - self._bar.n)
 
     def write(self, message: str) -> None:
         if self._bar is not None:
