@@ -5,6 +5,7 @@ sharded == single device (8 fake CPU devices), and scoring."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,13 @@ import numpy as np
 import pytest
 
 from xinst_jax.config import MeshConfig, ModelConfig, RopeScalingConfig
-from xinst_jax.infer import decode_model as dm
-from xinst_jax.infer.generate import Engine, decode_segments, pick_bucket
+from xinst_jax.infer.buckets import pick_bucket
+from xinst_jax.infer.generate import Engine, decode_segments
 from xinst_jax.infer.sampling import (SamplingSettings, candidate_scores, choose_tokens, ngram_banned_mask,
                                       process_logits_full, row_keys)
-from xinst_jax.infer.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from xinst_jax.model.llama import default_positions_and_segments, forward, init_params
+from xinst_jax.model.kv_cache import init_cache
+from xinst_jax.model.llama import (bind, default_positions_and_segments, forward, init_params, merge_lora,
+                                    unstack_layers)
 from xinst_jax.sharding import make_mesh, parse_rules
 
 NEAR_TIE = 1e-4  # fp32 on both sides: only a genuine tie may flip an argmax
@@ -112,80 +114,60 @@ def test_greedy_matches_naive_full_forward(model):
     assert out.prompt_lengths == [len(p) for p in prompts] and not any(out.truncated)
 
 
+def cached_model(params, cfg, batch: int, length: int, kv_dtype=jnp.float32):
+    """The model in its inference layout (one module per layer) and an empty KV cache."""
+    model = bind(unstack_layers(params, cfg), cfg, stack_layers=False)
+    return model, init_cache(cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["mqa", "gqa", "mha"])
-def test_decode_model_logits_match_forward(tied, kv_heads):
-    """Prefill + decode steps of the inference layout (fused q/k/v grouped by KV head, fused
-    gate/up) reproduce llama.forward's logits (fp32), tied or untied embeddings, MQA/GQA/MHA."""
+def test_prefill_and_decode_match_training_forward(tied, kv_heads):
+    """The model's prefill (a left-padded prompt into the cache) and decode steps (one token at a
+    time through the cache) reproduce its training-mode logits (fp32), tied or untied embeddings,
+    MQA/GQA/MHA: three modes of one module."""
     cfg = tiny_cfg(tie_embeddings=tied, num_kv_heads=kv_heads)
     params = tiny_params(cfg, seed=int(tied))
-    prep = dm.prepare_params(params, cfg)
-    assert prep["layers"][0]["attn"]["wqkv"].shape == (kv_heads, 4 // kv_heads + 2, cfg.head_dim, cfg.embed_dim)
-    assert ("lm_head" in prep) == (not tied)
     seq = random_prompts(cfg.vocab_size, [20], seed=3)[0]
     ref = full_logits_ref(params, cfg, seq)
     p, pad = 12, 4  # prompt = first 8 tokens, left-padded by 4 into a bucket of 12
     tokens = np.zeros((1, p), np.int32)
     tokens[0, pad:] = seq[:p - pad]
-    first = jnp.asarray([pad], jnp.int32)
-    cache = dm.init_decode_cache(cfg, 1, p + 12)
-    logits, cache = dm.prefill_step(prep, dm.pack_prompts(tokens, [p - pad], 1, 0), first, cache, cfg)
-    got = [np.asarray(logits[0])]
+    segments = (np.arange(p) >= pad).astype(np.int32)[None]
+    positions = np.maximum(np.arange(p) - pad, 0)[None]
+    model, cache = cached_model(params, cfg, 1, p + 12)
+    logits, cache = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments), cache)
+    got = [np.asarray(logits[0, -1])]
     for i in range(p - pad, len(seq) - 1):
-        slot = jnp.int32(pad + i)
-        logits, cache = dm.decode_step(prep, jnp.asarray([[seq[i]]], jnp.int32), jnp.asarray([[i]], jnp.int32),
-                                       first, cache, slot, cfg)
-        got.append(np.asarray(logits[0]))
+        logits, cache = model(jnp.asarray([[seq[i]]], jnp.int32), jnp.asarray([[i]], jnp.int32),
+                              jnp.ones((1, 1), jnp.int32), cache)
+        got.append(np.asarray(logits[0, 0]))
+    assert int(cache.index) == pad + len(seq) - 1
     np.testing.assert_allclose(np.stack(got), ref[p - pad - 1:len(seq) - 1], atol=2e-5, rtol=0)
     assert np.abs(ref).max() > 1.0  # O(1) logits: the bound is meaningful
 
 
-def test_pack_prompts_layout():
-    """Prompts packed end to end per pack, with the maps between packed tokens and padded slots."""
-    p = 6
-    lengths = [3, 0, 6, 1]  # an empty (batch-padding) row included
-    tokens = np.zeros((4, p), np.int32)
-    for b, n in enumerate(lengths):
-        tokens[b, p - n:] = 10 * (b + 1) + np.arange(n)
-    r = dm.pack_prompts(tokens, lengths, packs=2, pad_id=-1)
-    assert r.tokens.shape == (2, 12)  # totals 3 and 7 -> 16 tokens, capped at the padded 2 rows x 6 slots
-    assert r.tokens[0, :4].tolist() == [10, 11, 12, -1] and r.tokens[1, :8].tolist() == [30, 31, 32, 33, 34, 35, 40, -1]
-    assert r.positions[1, :7].tolist() == [0, 1, 2, 3, 4, 5, 0] and r.positions[0, :3].tolist() == [0, 1, 2]
-    assert r.slot_of_token[0, :3].tolist() == [3, 4, 5] and r.slot_of_token[1, :7].tolist() == [0, 1, 2, 3, 4, 5, 11]
-    assert r.token_of_slot[0, 3:6].tolist() == [0, 1, 2] and r.token_of_slot[1, 11] == 6
-    assert r.last.tolist() == [[2, 0], [5, 6]]
-    for b in range(4):  # every real slot maps to its own token and back
-        pack, row = divmod(b, 2)
-        for s in range(p - lengths[b], p):
-            i = r.token_of_slot[pack, row * p + s]
-            assert r.tokens[pack, i] == tokens[b, s] and r.slot_of_token[pack, i] == row * p + s
-    assert [dm.packed_length(n, 10_000) for n in (1, 16, 17, 20, 21, 215, 256, 257)] == [16, 16, 20, 20, 24, 224, 256, 320]
-    assert dm.packed_length(215, 200) == 200
-    with pytest.raises(ValueError, match="3 rows do not split into 2 packs"):
-        dm.pack_prompts(tokens[:3], lengths[:3], packs=2, pad_id=0)
-
-
-@pytest.mark.parametrize("packs", [1, 2])
-def test_ragged_prefill_then_decode_match_forward(packs):
-    """Prompts of different lengths (one empty row) prefilled packed, then decoded a few steps:
-    every real row's logits equal llama.forward over its own unpadded sequence (fp32)."""
+def test_mixed_length_prefill_then_decode_match_forward():
+    """Prompts of different lengths (one empty row) left-padded into one bucket, then decoded a
+    few steps: every real row's logits equal the training forward over its own sequence (fp32)."""
     cfg = tiny_cfg()
     params = tiny_params(cfg, seed=5)
-    prep = dm.prepare_params(params, cfg)
     lengths, p, steps = [5, 1, 0, 9], 10, 3
     seqs = random_prompts(cfg.vocab_size, [n + steps for n in lengths], seed=7)
     tokens = np.zeros((4, p), np.int32)
     for b, n in enumerate(lengths):
         tokens[b, p - n:] = seqs[b][:n]
-    first = jnp.asarray([p - n for n in lengths], jnp.int32)
-    cache = dm.init_decode_cache(cfg, 4, p + steps)
-    logits, cache = dm.prefill_step(prep, dm.pack_prompts(tokens, lengths, packs, 0), first, cache, cfg)
-    got = [np.asarray(logits)]
+    first = np.asarray([p - n for n in lengths])[:, None]
+    slot = np.arange(p)[None]
+    model, cache = cached_model(params, cfg, 4, p + steps)
+    logits, cache = model(jnp.asarray(tokens), jnp.asarray(np.maximum(slot - first, 0)),
+                          jnp.asarray((slot >= first).astype(np.int32)), cache)
+    got = [np.asarray(logits[:, -1])]
     for i in range(steps - 1):
-        tok = jnp.asarray([[s[n + i]] for s, n in zip(seqs, lengths)], jnp.int32)
+        tok = jnp.asarray([[s[n + i] if n else 0] for s, n in zip(seqs, lengths)], jnp.int32)
         pos = jnp.asarray([[n + i] for n in lengths], jnp.int32)
-        logits, cache = dm.decode_step(prep, tok, pos, first, cache, jnp.int32(p + i), cfg)
-        got.append(np.asarray(logits))
+        logits, cache = model(tok, pos, jnp.ones((4, 1), jnp.int32), cache)
+        got.append(np.asarray(logits[:, 0]))
     for b, n in enumerate(lengths):
         if n == 0:
             continue
@@ -193,38 +175,44 @@ def test_ragged_prefill_then_decode_match_forward(packs):
         np.testing.assert_allclose(np.stack([g[b] for g in got]), ref, atol=2e-5, rtol=0, err_msg=f"row {b}")
 
 
-def test_rope_table_matches_in_graph_rope():
-    """The decode model's trace-time RoPE table gives the in-graph cos/sin (the training forward's)
-    to within an ulp, over long positions and with Llama-3 scaling."""
-    from xinst_jax.model.rope import inverse_frequencies, rope_cos_sin, rope_table
-
-    for cfg in (tiny_cfg(head_dim=64, rope_theta=500000.0),
-                tiny_cfg(head_dim=64, rope_scaling=RopeScalingConfig(type="llama3", original_max_position_embeddings=2048))):
-        inv = inverse_frequencies(cfg)
-        table = rope_table(8192, inv)
-        graph = rope_cos_sin(jnp.arange(8192)[None], inv)
-        for t, g in zip(table, graph):
-            np.testing.assert_allclose(t, np.asarray(g[0]), atol=1.2e-7, rtol=0)
-
-
 def test_bf16_weights_and_cache_stay_close(model):
     cfg, params = model
-    seq = random_prompts(cfg.vocab_size, [10], seed=4)[0]
-    tokens = jnp.asarray([seq], jnp.int32)
-    ragged = dm.pack_prompts(np.asarray(tokens), [len(seq)], 1, 0)
-    first = jnp.zeros((1,), jnp.int32)
+    prompts = random_prompts(cfg.vocab_size, [10, 6], seed=4)
     outs = {}
-    for wd, kv in (("float32", "float32"), ("bfloat16", "bfloat16")):
-        prep = dm.prepare_params(params, cfg, wd)
-        assert prep["layers"][0]["mlp"]["w_gate_up"].dtype == jnp.dtype(wd)
-        cache = dm.init_decode_cache(cfg, 1, 16, kv)
-        logits, cache = dm.prefill_step(prep, ragged, first, cache, cfg)
-        assert cache["k"][0].dtype == jnp.dtype(kv)
-        logits2, _ = dm.decode_step(prep, tokens[:, :1], jnp.asarray([[10]]), first, cache, jnp.int32(10), cfg)
-        outs[wd] = np.concatenate([np.asarray(logits), np.asarray(logits2)])
-    scale = np.abs(outs["float32"]).max()
-    err = np.abs(outs["bfloat16"] - outs["float32"]).max()
-    assert 0 < err < 0.03 * scale, (err, scale)  # bf16 rounds (err > 0) but ~3 significant digits survive
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(params, cfg, batch_size=2, buckets=(16,), weight_dtype=dtype)
+        assert engine.params["layers"][0]["mlp"]["w_gate"].dtype == jnp.dtype(dtype)
+        assert engine.kv_dtype == jnp.dtype(dtype)
+        outs[dtype] = engine.score(prompts, [[5, 6, 7], [8, 9]])
+    f32, bf16 = outs["float32"].sum_logprob, outs["bfloat16"].sum_logprob
+    err = np.abs(bf16 - f32).max()
+    assert 0 < err < 0.03 * np.abs(f32).max(), (err, f32)  # bf16 rounds (err > 0) but ~3 significant digits survive
+
+
+def test_lora_adapters_are_merged_for_inference(model):
+    """An engine over LoRA params generates and scores as one over the merged weights."""
+    cfg, params = model
+    lora_cfg = dataclasses.replace(cfg, lora_rank=4)
+    lora = init_params(lora_cfg, jax.random.PRNGKey(1))
+    lora = {**lora, **{k: v for k, v in params.items() if k != "layers"}}
+    for name, w in params["layers"]["attn"].items():
+        lora["layers"]["attn"][name] = w
+        b = lora["layers"]["attn"][name + "_lora"]["b"]
+        lora["layers"]["attn"][name + "_lora"]["b"] = b + 0.05
+    for name, w in params["layers"]["mlp"].items():
+        lora["layers"]["mlp"][name] = w
+    for name in ("attn_norm", "mlp_norm"):
+        lora["layers"][name] = params["layers"][name]
+    prompts = random_prompts(cfg.vocab_size, [5, 7], seed=21)
+    st = SamplingSettings(max_new_tokens=8, temperature=0.0, no_repeat_ngram=0)
+    merged = Engine(merge_lora(lora, lora_cfg), cfg, batch_size=2, buckets=(8,))
+    adapted = Engine(lora, lora_cfg, batch_size=2, buckets=(8,))
+    assert adapted.generate(prompts, st).tokens == merged.generate(prompts, st).tokens
+    assert adapted.generate(prompts, st).tokens != Engine(params, cfg, batch_size=2, buckets=(8,)).generate(
+        prompts, st).tokens  # the adapters change the model
+    conts = [[3, 4], [5]]
+    np.testing.assert_allclose(adapted.score(prompts, conts).sum_logprob, merged.score(prompts, conts).sum_logprob,
+                               atol=1e-5, rtol=0)
 
 
 def test_no_recompilation_within_a_bucket(model):
@@ -234,13 +222,11 @@ def test_no_recompilation_within_a_bucket(model):
     for seed in range(3):  # three batches of different prompts and lengths, all in bucket 8
         engine.generate(random_prompts(cfg.vocab_size, [2 + seed, 8, 5, 1], seed=seed), settings)
     engine.generate(random_prompts(cfg.vocab_size, [3], seed=9), settings)  # a short batch: padded rows
-    # The decode loop compiles once per bucket; the prefill once per (bucket, packed length):
-    # the totals 16, 17, 18 and 3 pack into 16, 20, 20 and 16 tokens.
-    assert engine._decode._cache_size() == 1 and engine._prefill._cache_size() == 2
-    assert sorted(k[3] for k in engine.trace_counts if k[0] == "prefill") == [16, 20]
+    # The prefill and the decode loop compile once per bucket.
+    assert engine._decode._cache_size() == 1 and engine._prefill._cache_size() == 1
     assert all(v == 1 for v in engine.trace_counts.values())
     engine.generate(random_prompts(cfg.vocab_size, [12, 3], seed=5), settings)  # bucket 16: one more of each
-    assert engine._prefill._cache_size() == 3 and engine._decode._cache_size() == 2
+    assert engine._prefill._cache_size() == 2 and engine._decode._cache_size() == 2
     assert all(v == 1 for v in engine.trace_counts.values())
     assert len(engine.timings) == 5 and all(t.steps <= 6 for t in engine.timings)
 
@@ -454,6 +440,11 @@ def test_sampling_is_seeded_and_row_local(model):
 # --------------------------------------------------------------------------- sharding
 
 
+def padded_spec(x: jax.Array, n: int) -> tuple:
+    spec = tuple(x.sharding.spec)
+    return spec + (None,) * (n - len(spec))
+
+
 @pytest.mark.parametrize("mesh_kw", [dict(data=4, fsdp=1, tensor=2), dict(data=1, fsdp=-1, tensor=1),
                                      dict(data=2, fsdp=2, tensor=2)])
 def test_sharded_equals_single_device(model, mesh_kw):
@@ -468,10 +459,14 @@ def test_sharded_equals_single_device(model, mesh_kw):
     sharded = Engine(params, cfg, mesh=mesh, rules=rules, batch_size=8, buckets=(8,), **segs)
     assert sharded.segment_ends(10) == [4, 7, 10]
     layer = sharded.params["layers"][0]
-    for w in (layer["attn"]["wqkv"], layer["mlp"]["w_gate_up"]):
+    for w, axis in ((layer["attn"]["wk"], 1), (layer["mlp"]["w_gate"], 1), (layer["attn"]["wo"], 0)):
         assert len(w.sharding.device_set) == 8
-        if mesh_kw["tensor"] > 1:  # tensor parallel over KV heads (fused q/k/v) and mlp units (gate/up)
-            assert w.sharding.spec[0] == "tensor", w.sharding.spec
+        if mesh_kw["tensor"] > 1:  # tensor parallel over KV heads, heads and mlp units
+            assert padded_spec(w, axis + 1)[axis] == "tensor", w.sharding.spec
+    _, cache = sharded._prefill(sharded.params, sharded._put(np.ones((8, 8), np.int32)),
+                                sharded._put(np.full((8,), 8, np.int32)), max_len=12)
+    spec = padded_spec(cache.k[0], 4)  # [batch, kv_heads, length, head_dim]: rows over data, kv heads over tensor
+    assert spec[1] == ("tensor" if mesh_kw["tensor"] > 1 else None) and spec[0] is not None, spec
     for st in (SamplingSettings(max_new_tokens=10, temperature=0.0, no_repeat_ngram=3),
                SamplingSettings(max_new_tokens=10, seed=3)):
         want = single.generate(prompts, st)
@@ -565,35 +560,3 @@ def test_rejects_empty_prompts(model):
         engine.generate([[5], []], SamplingSettings())
     with pytest.raises(ValueError, match="empty"):
         engine.score([[]], [[4]])
-
-
-# --------------------------------------------------------------------------- tokenizers
-
-
-def test_byte_tokenizer_round_trip():
-    tok = load_tokenizer("bytes")
-    assert isinstance(tok, ByteTokenizer)
-    for text in ("hello", "กรุงเทพ", "Habari ya asubuhi", "پاکستان", ""):
-        ids = tok.encode(text)
-        assert all(3 <= i < 259 for i in ids) and len(ids) == len(text.encode("utf-8"))
-        assert tok.decode(ids) == text
-    assert tok.decode(tok.encode("ab") + [tok.eos_id, 0]) == "ab"  # specials are not text
-
-
-def test_hf_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["the cat sat on the mat", "the dog sat on the log"] * 5,
-                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    ours = load_tokenizer(str(tmp_path))  # a directory holding tokenizer.json
-    assert isinstance(ours, HFTokenizer)
-    ids = ours.encode("the cat sat")
-    assert ids == tok.encode("the cat sat", add_special_tokens=False).ids
-    assert ours.decode(ids) == tok.decode(ids)
-    from xinst_jax.config import ConfigError
-
-    with pytest.raises(ConfigError, match="not found"):
-        load_tokenizer(str(tmp_path / "missing"))

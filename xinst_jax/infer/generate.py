@@ -1,4 +1,5 @@
-"""Batched KV-cache generation: bucketed, ragged prefill, then one jit-compiled decode loop.
+"""Batched KV-cache generation on the model's own layers: bucketed prefill, then one compiled
+decode loop.
 
 Layout of a batch (B rows, prompt bucket P, N = max_new_tokens):
 
@@ -8,39 +9,33 @@ Layout of a batch (B rows, prompt bucket P, N = max_new_tokens):
 
 Prompts are left-padded to the bucket with segment id 0 (never attended) and their positions
 start at 0 on each row's first real token, so every row decodes at the same cache slot P+i while
-keeping its own RoPE positions. The decode loop is a `lax.while_loop` inside one jit: rows stop
-independently (a stop token or stop sequence; finished rows emit `pad_id`) and the loop exits
-as soon as every row is done. The decode loop's shapes depend only on (B, P, N), so every batch
-of the same bucket reuses it (`Engine.trace_counts` counts traces; tests assert it).
+keeping its own RoPE positions. Prefill and every decode step are calls of the same
+`LlamaForCausalLM` the trainer trains (model/llama.py), with a `KVCache` passed through every
+layer; the decode loop is a `lax.while_loop` inside one jit: rows stop independently (a stop
+token or stop sequence; finished rows emit `pad_id`) and the loop exits as soon as every row is
+done. Its shapes depend only on (B, P, N), so every batch of the same bucket reuses it
+(`Engine.trace_counts` counts traces; tests assert it).
 
-The prefill is ragged (`decode_model.RaggedPrompts`): projections and MLP run on the batch's
-prompt tokens packed end to end (one pack per data-parallel shard), rounded up to 4 sizes per
-octave, and only attention runs on the [B, P] layout above. A batch of prompts of mixed lengths
-then costs about its real tokens, not B x P; the prefill compiles once per (bucket, packed size).
-
-The model runs in the inference layout of `decode_model` (per-layer weights, optionally bfloat16,
-[out, in] matrices; the KV cache a per-layer [batch, kv_heads, length, head_dim] buffer updated in
-place), prepared once from the training params when the Engine is built.
-
-Sharding: with a mesh, the prepared params are placed by the logical-axis rules (tensor parallel
-where the rules say so: heads, kv_heads, mlp, vocab), batch inputs by `batch_sharding` (data
-parallel over rows), and the KV cache is constrained to [batch, kv_heads -> tensor, length,
-head_dim]. Outputs equal the single-device ones (tests/test_generate.py, 8 fake CPU devices).
+The Engine lays the weights out once for inference: LoRA adapters merged, layers unstacked into
+a list (`stack_layers=False`: a decode step reads each weight where it lies instead of slicing it
+out of the stacked array on every step), optionally cast (`weight_dtype`: bfloat16 weights and
+compute, as transformers runs a bfloat16 checkpoint). With a mesh, weights are placed by the
+logical-axis rules (tensor parallel where they say so), rows by `batch_sharding`, and the KV
+cache by its own logical axes (`cache_*` in `mesh.rules`): outputs equal the single-device ones
+(tests/test_generate.py, 8 fake CPU devices).
 
 Attention reads every slot of the cache it is given, so a cache sized for the whole generation
-wastes reads on slots not yet written (half of them on average; on CPU attention cost is linear
-in the cache length). The decode loop therefore runs in segments (`decode_segments`): each
-segment's cache ends just past the last slot that segment writes, and between segments the cache
-is grown by a copy (once per segment, not per step). Each segment is its own `while_loop` in the
-same jit, so a bucket still compiles once; the loop exits early as soon as every row is done.
-On one CPU device the decode attention runs as a native kernel (`attention_kernel`, see
-native_kernels.py) that reads only each row's real slots, left padding and tail alike.
+wastes reads on slots not yet written. The decode loop therefore runs in segments
+(`decode_segments`): each segment's cache ends just past the last slot that segment writes, and
+between segments the cache is grown by a copy (once per segment, not per step). Each segment is
+its own `while_loop` in the same jit, so a bucket still compiles once.
 
-Scoring (`Engine.score`, see score.py) uses the same prepared params and buckets.
+Scoring (`Engine.score`, see score.py) uses the same weights and the model's training-mode call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -50,18 +45,18 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from flax import nnx
+from jax.sharding import Mesh
 
 from xinst_jax.config import ModelConfig
-from xinst_jax.infer import native_kernels
-from xinst_jax.infer.decode_model import (RaggedPrompts, cache_logical_axes, decode_step, init_decode_cache,
-                                          pack_prompts, prefill_step, prepare_params, prepared_logical_axes)
+from xinst_jax.infer.buckets import DEFAULT_BUCKETS, pick_bucket
 from xinst_jax.infer.sampling import SamplingSettings, choose_tokens, ngram_banned_mask, row_keys
-from xinst_jax.sharding import Rules, batch_sharding, logical_to_spec, tree_shardings
+from xinst_jax.infer.score import ScoreOutput, chunk_positions, score_batches, score_rows
+from xinst_jax.model.kv_cache import CACHE_AXES, CACHE_SEGMENT_AXES, KVCache, grow_cache, init_cache
+from xinst_jax.model.llama import DTYPES, abstract_model, logical_axes, merge_lora, unstack_layers
+from xinst_jax.sharding import Rules, activation_sharding, batch_sharding, constrain, tree_shardings
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
 
 FINISH_LENGTH, FINISH_STOP = 0, 1
 FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop"}
@@ -96,39 +91,21 @@ def decode_segments(n_new: int, max_segments: int, min_steps: int) -> list[int]:
     return [1 + (steps * (j + 1)) // k for j in range(k)]
 
 
-def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-    for b in sorted(buckets):
-        if length <= b:
-            return b
-    return max(buckets)
+def inference_config(cfg: ModelConfig, weight_dtype: str | None) -> ModelConfig:
+    """The model config inference runs: adapters merged (no LoRA), weights and compute in
+    `weight_dtype` when given."""
+    cfg = dataclasses.replace(cfg, lora_rank=0)
+    if weight_dtype:
+        cfg = dataclasses.replace(cfg, dtype=weight_dtype, param_dtype=weight_dtype)
+    return cfg
 
 
-def use_native_attention(choice: str, mesh: Mesh | None) -> bool:
-    """Resolve Engine's `attention_kernel` ("auto", "xla", "native") for this mesh to a yes/no."""
-    if choice not in ("auto", "xla", "native"):
-        raise ValueError(f"attention_kernel must be 'auto', 'xla' or 'native', got {choice!r}")
-    if choice == "xla":
-        return False
-    devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
-    # The kernel is a CPU custom call without a sharding rule: one CPU device only.
-    if len(devices) != 1 or devices[0].platform != "cpu":
-        if choice == "native":
-            raise ValueError(f"attention_kernel='native' runs on one CPU device; this mesh has {len(devices)} "
-                             f"{devices[0].platform} device(s)")
-        return False
-    why_not = native_kernels.available()
-    if why_not is not None and choice == "native":
-        raise ValueError(f"attention_kernel='native': {why_not}")
-    return why_not is None
-
-
-def _grow_cache(cache: dict, length: int) -> dict:
-    """Pad every [B, KV, S, D] buffer with empty slots to `length` (a no-op if already that long)."""
-    def grow(x):
-        extra = length - x.shape[2]
-        return x if extra == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))
-
-    return jax.tree.map(grow, cache)
+def inference_params(params: Any, cfg: ModelConfig, infer_cfg: ModelConfig) -> Any:
+    """Training params (stacked layers, maybe LoRA) -> the inference layout of `infer_cfg`. Pure."""
+    if cfg.lora_rank > 0:
+        params = merge_lora(params, cfg)
+    dtype = DTYPES[infer_cfg.param_dtype]
+    return jax.tree.map(lambda x: x.astype(dtype), unstack_layers(params, cfg))
 
 
 class Engine:
@@ -137,87 +114,83 @@ class Engine:
     def __init__(self, params: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rules: Rules | None = None,
                  batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, kv_dtype: str | None = None,
                  weight_dtype: str | None = None, score_buckets: Sequence[int] | None = None,
-                 max_segments: int = 4, min_segment_steps: int = 32, score_logits_bytes: int = 256 << 20,
-                 attention_kernel: str = "auto"):
-        """`params`: the model's (stacked, training-layout) params, on any device/sharding.
-        `weight_dtype`: keep matrices in this dtype for inference (default: as given);
-        `kv_dtype`: the KV cache's dtype (default float32). The decode loop runs in at most
-        `max_segments` segments of at least `min_segment_steps` steps, each with a cache just long
-        enough for it (see the module docstring; 1 = one cache for the whole generation).
-        Scoring runs the lm_head over positions in chunks whose float32 logits fit in
-        `score_logits_bytes`. `attention_kernel`: the decode step's attention over the cache runs
-        as XLA's dots ("xla") or the native CPU kernel ("native", see native_kernels; one CPU
-        device only); "auto" takes the kernel where it applies and builds, else XLA's."""
+                 max_segments: int = 4, min_segment_steps: int = 32, score_logits_bytes: int = 256 << 20):
+        """`params`: the model's training params (stacked layers), on any device/sharding.
+        `weight_dtype`: weights and compute in this dtype for inference (default: as configured);
+        `kv_dtype`: the KV cache's dtype (default: the compute dtype). The decode loop runs in at
+        most `max_segments` segments of at least `min_segment_steps` steps, each with a cache just
+        long enough for it (1 = one cache for the whole generation). Scoring runs the lm_head over
+        positions in chunks whose float32 logits fit in `score_logits_bytes`."""
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"prompt buckets must be positive lengths, got {list(buckets)}")
-        self.cfg = cfg
+        if max_segments < 1 or min_segment_steps < 1:
+            raise ValueError(f"max_segments and min_segment_steps must be >= 1, got {max_segments}, "
+                             f"{min_segment_steps}")
+        self.cfg = inference_config(cfg, weight_dtype)
         self.mesh = mesh
         self.rules = rules
         self.batch_size = int(batch_size)
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         self.score_buckets = tuple(sorted(set(int(b) for b in (score_buckets or self.buckets))))
-        self.kv_dtype = kv_dtype or None
-        if max_segments < 1 or min_segment_steps < 1:
-            raise ValueError(f"max_segments and min_segment_steps must be >= 1, got {max_segments}, "
-                             f"{min_segment_steps}")
+        self.kv_dtype = DTYPES[kv_dtype or self.cfg.dtype]
         self.max_segments, self.min_segment_steps = int(max_segments), int(min_segment_steps)
         self.score_logits_bytes = int(score_logits_bytes)
-        self.native_attention = use_native_attention(attention_kernel, mesh)
         self.trace_counts: Counter = Counter()
         self.timings: list[BatchTiming] = []
-        self._packs = 1  # prefill packs: one per data-parallel shard
         if mesh is not None:
             if rules is None:
                 raise ValueError("a mesh needs the sharding rules")
-            self._batch_sh = batch_sharding(mesh, rules, 1)
-            lead = self._batch_sh.spec[0]
+            lead = batch_sharding(mesh, rules, 1).spec[0]
             axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
             dp = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
             if self.batch_size % dp:
                 raise ValueError(f"batch_size={self.batch_size} is not divisible by the {dp} data-parallel "
                                  "shards of the mesh (the `batch` rule's axes)")
-            self._packs = dp
-        prepare = jax.jit(lambda p: prepare_params(p, cfg, weight_dtype))
+        model = abstract_model(self.cfg, stack_layers=False)
+        self._graphdef = nnx.split(model)[0]
+        layout = jax.jit(lambda p: inference_params(p, cfg, self.cfg))
         if mesh is not None:
-            shapes = jax.eval_shape(prepare, params)
-            prepared_sh = tree_shardings(prepared_logical_axes(cfg, shapes), shapes, rules, mesh)
-            prepare = jax.jit(lambda p: prepare_params(p, cfg, weight_dtype), out_shardings=prepared_sh)
-        self.params = prepare(params)  # the inference layout (per-layer weights); see decode_model
+            shapes = jax.eval_shape(layout, params)
+            shardings = tree_shardings(logical_axes(self.cfg, stack_layers=False), shapes, rules, mesh)
+            layout = jax.jit(lambda p: inference_params(p, cfg, self.cfg), out_shardings=shardings)
+        self.params = layout(params)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("settings",))
         self._score = jax.jit(self._score_impl)
 
     # ----------------------------------------------------------------- placement helpers
 
+    def _sharding_context(self):
+        """Activation and cache constraints apply while the compiled pieces trace."""
+        return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, self._batch_sh if x.ndim == 1 else batch_sharding(self.mesh, self.rules, x.ndim))
+        return jax.device_put(x, batch_sharding(self.mesh, self.rules, x.ndim))
 
-    def _constrain_cache(self, cache: dict) -> dict:
-        if self.mesh is None:
-            return cache
-
-        def one(value):
-            spec = logical_to_spec(cache_logical_axes(), value.shape, self.rules, self.mesh, "kv_cache")
-            return jax.lax.with_sharding_constraint(value, NamedSharding(self.mesh, spec))
-
-        return jax.tree.map(one, cache)
-
-    def _constrain_rows(self, x: jnp.ndarray) -> jnp.ndarray:
-        if self.mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, self.rules, x.ndim))
+    @staticmethod
+    def _constrain_cache(cache: KVCache) -> KVCache:
+        return KVCache([constrain(x, CACHE_AXES) for x in cache.k], [constrain(x, CACHE_AXES) for x in cache.v],
+                       constrain(cache.segment_ids, CACHE_SEGMENT_AXES), cache.index)
 
     # ----------------------------------------------------------------- compiled pieces
 
-    def _prefill_impl(self, params, ragged: RaggedPrompts, lengths, max_len: int):
-        """Prompts in the ragged layout, lengths [B] -> (last logits [B, V] float32, cache)."""
-        b, p = ragged.batch, ragged.bucket
-        self.trace_counts[("prefill", b, p, ragged.tokens.shape[1], max_len)] += 1
-        cache = self._constrain_cache(init_decode_cache(self.cfg, b, max_len, self.kv_dtype))
-        logits, cache = prefill_step(params, ragged, p - lengths, cache, self.cfg)
-        return self._constrain_rows(logits), self._constrain_cache(cache)
+    def _prefill_impl(self, params, tokens, lengths, max_len: int):
+        """Left-padded prompts tokens [B, P], lengths [B] -> (last logits [B, V] float32, cache)."""
+        b, p = tokens.shape
+        self.trace_counts[("prefill", b, p, max_len)] += 1
+        cfg = self.cfg
+        with self._sharding_context():
+            model = nnx.merge(self._graphdef, params)
+            slot = jnp.arange(p, dtype=jnp.int32)[None, :]
+            first = (p - lengths)[:, None]
+            segments = (slot >= first).astype(jnp.int32)
+            positions = jnp.maximum(slot - first, 0)
+            cache = self._constrain_cache(init_cache(cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim,
+                                                     self.kv_dtype))
+            h, cache = model.hidden(tokens, positions, segments, cache)
+            return model.logits(h[:, -1:])[:, 0], cache
 
     def _decode_impl(self, params, cache, logits, history, lengths, done, keys, settings: SamplingSettings):
         """The decode loop. history [B, P+N]: prompts in [0, P), pads after. Returns
@@ -226,7 +199,14 @@ class Engine:
         n_new = settings.max_new_tokens
         p = s - n_new
         self.trace_counts[("decode", b, p, settings)] += 1
-        cfg = self.cfg
+        with self._sharding_context():
+            return self._decode_loop(params, cache, logits, history, lengths, done, keys, settings)
+
+    def _decode_loop(self, params, cache, logits, history, lengths, done, keys, settings: SamplingSettings):
+        b, s = history.shape
+        n_new = settings.max_new_tokens
+        p = s - n_new
+        model = nnx.merge(self._graphdef, params)
         first = p - lengths
         stop_ids = jnp.asarray(settings.stop_token_ids or (-1,), jnp.int32)
         stop_seqs = [jnp.asarray(q, jnp.int32) for q in settings.stop_sequences]
@@ -268,15 +248,15 @@ class Engine:
             i, cache, history, logits, done, finish, count = carry
             prev = jax.lax.dynamic_slice_in_dim(history, p + i - 1, 1, axis=1)
             positions = (lengths + i - 1)[:, None]
-            logits, cache = decode_step(params, prev, positions, first, cache, p + i - 1, cfg, self.native_attention)
-            cache = self._constrain_cache(cache)
+            h, cache = model.hidden(prev, positions, jnp.ones_like(prev), cache)  # writes slot p + i - 1
+            logits = model.logits(h)[:, 0]
             history, done, finish, count = select(i, logits, history, done, finish, count)
             return i + 1, cache, history, logits, done, finish, count
 
         carry = (jnp.int32(1), cache, history, logits, done, finish, count)
         for end in self.segment_ends(n_new):
             i, cache = carry[:2]
-            cache = self._constrain_cache(_grow_cache(cache, self.cache_length(p, end)))
+            cache = self._constrain_cache(grow_cache(cache, self.cache_length(p, end)))
             carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end), body, (i, cache) + carry[2:])
         steps, _, history, _, _, finish, count = carry
         return history[:, p:], count, finish, steps
@@ -342,8 +322,7 @@ class Engine:
         keys = np.asarray(row_keys(settings.seed, ids.astype(np.uint32)))
         first_segment_end = (self.segment_ends(n_new) or [1])[0]
         t0 = time.perf_counter()
-        ragged = pack_prompts(tokens, lengths, self._packs, settings.pad_id)
-        logits, cache = self._prefill(self.params, RaggedPrompts(*map(self._put, ragged)), self._put(lengths),
+        logits, cache = self._prefill(self.params, self._put(tokens), self._put(lengths),
                                       max_len=self.cache_length(bucket, first_segment_end))
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
@@ -358,13 +337,10 @@ class Engine:
     # ----------------------------------------------------------------- scoring
 
     def _score_impl(self, params, tokens, segments, target_mask):
-        from xinst_jax.infer.score import chunk_positions, score_rows
-
         self.trace_counts[("score",) + tuple(tokens.shape)] += 1
         chunk = chunk_positions(tokens.shape[0], self.cfg.vocab_size, self.score_logits_bytes)
-        return score_rows(params, tokens, segments, target_mask, self.cfg, chunk)
+        with self._sharding_context():
+            return score_rows(nnx.merge(self._graphdef, params), tokens, segments, target_mask, chunk)
 
-    def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]):
-        from xinst_jax.infer.score import score_batches
-
+    def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> ScoreOutput:
         return score_batches(self, prompts, continuations)

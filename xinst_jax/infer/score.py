@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xinst_jax.config import ModelConfig
-from xinst_jax.infer import decode_model
+from xinst_jax.infer.buckets import pick_bucket
 
 if TYPE_CHECKING:
+    from xinst_jax.model.llama import LlamaForCausalLM
     from xinst_jax.infer.generate import Engine
 
 
@@ -42,13 +42,14 @@ def chunk_positions(batch: int, vocab: int, logits_bytes: int) -> int:
     return max(1, logits_bytes // (batch * vocab * 4))
 
 
-def score_rows(params, tokens, segments, target_mask, cfg: ModelConfig, chunk: int):
-    """`params` in the inference layout (decode_model.prepare_params).
-    tokens/segments/target_mask [B, T]; target_mask[b, t] marks tokens t that are scored
+def score_rows(model: "LlamaForCausalLM", tokens, segments, target_mask, chunk: int):
+    """tokens/segments/target_mask [B, T]; target_mask[b, t] marks tokens t that are scored
     (given tokens < t). Returns per-token log p [B, T] (0 where unscored) and greedy hits [B, T].
     `chunk`: positions per lm_head chunk (see the module docstring)."""
     b, t = tokens.shape
-    h = decode_model.final_hidden(params, tokens, segments, cfg)[:, :-1]  # predicts tokens[:, 1:]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _ = model.hidden(tokens, positions, segments)
+    h = h[:, :-1]  # predicts tokens[:, 1:]
     targets = tokens[:, 1:]
     chunk = max(1, min(chunk, t - 1))
     n = -(-(t - 1) // chunk)
@@ -56,7 +57,7 @@ def score_rows(params, tokens, segments, target_mask, cfg: ModelConfig, chunk: i
 
     def per_chunk(args):
         h_c, tgt_c = args  # [B, chunk, E], [B, chunk]
-        lg = decode_model.logits(params, h_c, cfg)
+        lg = model.logits(h_c)
         picked = jnp.take_along_axis(lg, tgt_c[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(lg, axis=-1), jnp.argmax(lg, axis=-1) == tgt_c
 
@@ -74,8 +75,6 @@ def score_rows(params, tokens, segments, target_mask, cfg: ModelConfig, chunk: i
 
 def score_batches(engine: "Engine", prompts: Sequence[Sequence[int]],
                   continuations: Sequence[Sequence[int]]) -> ScoreOutput:
-    from xinst_jax.infer.generate import pick_bucket
-
     n = len(prompts)
     if len(continuations) != n:
         raise ValueError(f"{len(continuations)} continuations for {n} prompts")
