@@ -54,7 +54,9 @@ def xinstruction_like(shared: Path, per_lang: int, tokenizer, seed: int = 0) -> 
     """`per_lang` SFT examples per language: {id, lang, tokens, loss_mask} rendered with the
     project's `sft` template (the released X-Instruction prompt) and tokenised as the prepare
     job does (loss on the response and its EOS), in a seeded shuffled order."""
-    from xinst_jax.data.templates import render, tokenize_example
+    from xinst_jax.tasks import Task
+
+    task = Task("sft", tokenizer)
 
     rng = np.random.default_rng(seed)
     instructions = []
@@ -78,9 +80,9 @@ def xinstruction_like(shared: Path, per_lang: int, tokenizer, seed: int = 0) -> 
                 at += 1
             record = {"instruction": instructions[int(rng.integers(len(instructions)))], "output": text[:target],
                       "lang": lang}
-            ex = tokenize_example(tokenizer, render("sft", record))
+            ex = task.encode(record)
             examples.append({"id": f"{lang}-{k}", "lang": lang, "tokens": np.array(ex.tokens, np.int32),
-                             "loss_mask": np.array(ex.loss_mask, np.int8)})
+                             "loss_mask": np.array(ex.loss_weights, np.int8)})
     order = rng.permutation(len(examples))
     return [examples[i] for i in order]
 

@@ -1,5 +1,6 @@
-"""The `generate` job: input schema and bad lines, shards and done-markers, resume after a real
-`kill -9`, the process split, and the shipped offline demo through the entry point."""
+"""The `generate` job: input schema and bad lines (the records reader of prepare), shards and
+done-markers, resume after a real `kill -9`, the process split, and the shipped offline demo
+through the entry point. That its prompts equal prepare's: test_tasks.py."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from xinst_jax.config import ConfigError, load_config
-from xinst_jax.infer.job import (DEMO_PROMPTS, output_text, parse_record, run_generate, sampling_settings,
+from xinst_jax.data.tokenizer import ByteTokenizer
+from xinst_jax.infer.job import (DEMO_PROMPTS, output_text, read_input, run_generate, sampling_settings,
                                  shard_paths, shards_for_process)
-from xinst_jax.infer.tokenizer import ByteTokenizer
+from xinst_jax.tasks import Task
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = REPO / "launch" / "tpu_run.py"
@@ -54,18 +56,52 @@ GOOD = [
 # --------------------------------------------------------------------------- pieces
 
 
-def test_parse_record_schema():
-    assert parse_record(b'{"id": 1, "prompt": "p"}', "\n\n") == (1, "p")
-    assert parse_record(b'{"id": "x", "instruction": "i", "text": "t"}', " | ") == ("x", "i | t")
-    assert parse_record(b'{"id": "x", "text": "t", "prompt": ""}', "\n") == ("x", "t")  # empty prompt: fall back
-    for raw, reason in [(b'{"id": 1, "prompt": "p"', "invalid JSON"), (b'[1, 2]', "expected a JSON object"),
-                        (b'{"prompt": "p"}', "missing field 'id'"), (b'{"id": [1], "prompt": "p"}', "'id' must be"),
-                        (b'{"id": true, "prompt": "p"}', "'id' must be"), (b'{"id": 1}', "missing field"),
-                        (b'{"id": 1, "prompt": 3}', "'prompt' must be a string"), (b'{"id": 1, "text": ""}',
-                                                                                    "missing field"),
-                        (b'\xff\xfe{"id": 1}', "not UTF-8")]:
-        with pytest.raises(ValueError, match=reason):
-            parse_record(raw, "\n")
+def read_prompts(cfg, path: Path) -> tuple[list[tuple], dict]:
+    """(id as written, line, prompt text) of the valid records, and the reader's counts."""
+    task = Task.from_generate_config(cfg.generate, ByteTokenizer())
+    reader, records = read_input(cfg, task, path)
+    got = [(loc.source_id, loc.line, task.prompt_text(loc.record)) for loc in records]
+    return got, reader.totals()
+
+
+def test_input_schema(tmp_path):
+    good = [b'{"id": 1, "prompt": "p"}', b'{"id": "x", "instruction": "i", "text": "t"}',
+            b'{"id": "y", "text": "t", "prompt": ""}']  # an empty prompt falls back to the text
+    bad = [(b'{"id": 1, "prompt": "p"', "malformed_json"), (b'[1, 2]', "not_object"),
+           (b'{"prompt": "p"}', "missing_field:id"), (b'{"id": [1], "prompt": "p"}', "bad_type:id"),
+           (b'{"id": true, "prompt": "p"}', "bad_type:id"), (b'{"id": 1}', "missing_field:prompt|instruction|text"),
+           (b'{"id": 1, "prompt": 3}', "bad_type:prompt"), (b'{"id": 1, "text": ""}',
+                                                             "missing_field:prompt|instruction|text"),
+           (b'\xff\xfe{"id": 1}', "invalid_utf8")]
+    path = write_lines(tmp_path / "in.jsonl", good + [raw for raw, _ in bad])
+    cfg = job_config(tmp_path, path, "generate.join=' | '")
+    got, totals = read_prompts(cfg, path)
+    assert got == [(1, 1, "p"), ("x", 2, "i | t"), ("y", 3, "t")]  # ids as written: 1 stays an integer
+    want: dict[str, int] = {}
+    for _, reason in bad:
+        want[reason] = want.get(reason, 0) + 1
+    assert totals["skipped"] == want and totals["in"] == len(good) + len(bad) == totals["kept"] + sum(want.values())
+
+
+def test_templates_that_name_the_language_need_one(tmp_path):
+    lines = [json.dumps({"id": 1, "instruction": "Say hello.", "lang": "sw"}),
+             json.dumps({"id": 2, "instruction": "Say hello."}),  # generate.lang fills it
+             json.dumps({"id": 3, "instruction": "Say hello.", "lang": "xx"}), json.dumps({"id": 4, "text": "t"})]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    got, totals = read_prompts(job_config(tmp_path, path, "generate.template=sft", "generate.lang=th"), path)
+    assert [(i, line) for i, line, _ in got] == [(1, 1), (2, 2)]
+    assert got[0][2].endswith("Say hello. Answer in Swahili. \n\n### Response:") and "Answer in Thai." in got[1][2]
+    assert totals["skipped"] == {"unknown_lang:lang": 1, "missing_field:instruction": 1}
+    got, totals = read_prompts(job_config(tmp_path, path, "generate.template=sft"), path)
+    assert [i for i, _, _ in got] == [1] and totals["skipped"]["missing_field:lang"] == 2  # lines 2 and 4
+    got, _ = read_prompts(job_config(tmp_path, path), path)  # raw ignores lang
+    assert [i for i, _, _ in got] == [1, 2, 3, 4]
+
+
+def test_strict_names_file_line_and_field(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", [GOOD[0], json.dumps({"id": "x", "prompt": 3})])
+    with pytest.raises(ConfigError, match=rf"^{path}:2: prompt: bad_type \(int\) \[generate.strict is true\]$"):
+        run_generate(job_config(tmp_path, path, "generate.strict=true"))
 
 
 def test_process_split_covers_every_shard_once():
@@ -87,7 +123,7 @@ def test_stop_strings_end_rows_and_are_cut(tmp_path):
     cfg = job_config(tmp_path, DEMO_PROMPTS, "generate.stop_strings=['##', 'END']", "generate.stop_token_ids=[7]")
     tok = ByteTokenizer()
     settings = sampling_settings(cfg, cfg.model, tok)
-    assert settings.stop_sequences == (tuple(tok.encode("##")), tuple(tok.encode("END")))
+    assert settings.stop_sequences == (tuple(b + 3 for b in b"##"), tuple(b + 3 for b in b"END"))  # no BOS
     assert set(settings.stop_token_ids) == {7, cfg.model.eos_token_id}
     assert (settings.temperature, settings.top_p, settings.top_k, settings.no_repeat_ngram) == (0.7, 0.9, 50, 6)
     text, finish = output_text(tok, tok.encode("abc##def") + [tok.eos_id], "stop", settings, ["##", "END"])
@@ -105,10 +141,12 @@ def test_bad_lines_are_skipped_and_reported(tmp_path, capsys):
              GOOD[3], json.dumps({"id": "y", "prompt": 12}), "   ", GOOD[4]]
     inp = write_lines(tmp_path / "in.jsonl", lines)
     report = run_generate(job_config(tmp_path, inp))
-    bad_numbers = [2, 4, 6, 8, 9, 10, 12]
-    assert [b.split(":")[1] for b in report["bad"]] == [str(n) for n in bad_numbers]
-    assert all(b.startswith("in.jsonl:") for b in report["bad"])
-    assert "invalid JSON" in report["bad"][0] and "missing field 'id'" in report["bad"][1]
+    reasons = {2: "-: malformed_json", 4: "id: missing_field", 6: "prompt|instruction|text: missing_field",
+               8: "-: not_object", 9: "id: bad_type", 10: "-: invalid_utf8", 12: "prompt: bad_type"}
+    assert [b.split(" (")[0] for b in report["bad"]] == [f"{inp}:{n}: {r}" for n, r in reasons.items()]
+    assert report["skipped"] == {"malformed_json": 1, "missing_field:id": 1, "missing_field:prompt|instruction|text": 1,
+                                 "not_object": 1, "bad_type:id": 1, "invalid_utf8": 1, "bad_type:prompt": 1}
+    assert report["blank_lines"] == 2 and report["template"] == "raw"
     assert report["records"] == 5 and report["bad_lines"] == 7 and report["shards"] == 3
     out = capsys.readouterr().out
     for b in report["bad"]:
@@ -190,8 +228,8 @@ def test_weights_from_checkpoint_or_hf_dir(tmp_path):
     assert outputs["ckpt"] == outputs["hf"] != outputs["random"]
 
     tok = ByteTokenizer()
-    prompts = [[cfg.model.bos_token_id] + tok.encode(parse_record(line.encode(), cfg.generate.join)[1])
-               for line in GOOD]
+    prompts = [[cfg.model.bos_token_id] + tok.encode(text, add_special_tokens=False)
+               for _, _, text in read_prompts(cfg, inp)[0]]
     engine = Engine(params, cfg.model, batch_size=2, buckets=(32, 64))
     direct = engine.generate(prompts, sampling_settings(cfg, cfg.model, tok), row_ids=[1, 2, 3, 4, 5])
     texts = [output_text(tok, t, f, sampling_settings(cfg, cfg.model, tok), [])[0]
@@ -253,7 +291,7 @@ def test_bad_input_through_cli_is_a_report_not_a_traceback(tmp_path):
                    "--set", "generate.progress=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "in.jsonl:2: invalid JSON" in proc.stdout and "in.jsonl:3: missing field" in proc.stdout
+    assert f"{inp}:2: -: malformed_json" in proc.stdout and f"{inp}:3: prompt|instruction|text: missing_field" in proc.stdout
     assert len(read_jsonl(tmp_path / "run" / "generate" / "output.jsonl")) == 1
 
 

@@ -101,7 +101,7 @@ def test_manifest(setup, prepared):
     out, _ = prepared
     m = read_manifest(str(out))
     assert m["complete"] and m["split"] == "train" and m["num_shards"] == NUM_SHARDS
-    assert m["template"] == {"name": "sft", "version": T.TEMPLATE_VERSION, "assistant_style": False}
+    assert m["template"] == {"name": "sft", "version": T.TEMPLATE_VERSION, "kind": "pairs", "trains": "targets"}
     tok = load_tokenizer(str(tok_dir))
     assert m["tokenizer"]["vocab_size"] == tok.vocab_size
     assert (m["tokenizer"]["bos_id"], m["tokenizer"]["eos_id"]) == (tok.bos_id, tok.eos_id)
@@ -143,9 +143,9 @@ def test_length_stats_percentiles():
     assert length_stats({})["count"] == 0
 
 
-def test_serialize_example_matches_tensorflow():
+def test_serialize_example_is_a_deterministic_tf_example():
     tf = import_tf()
-    feats = {"tokens": [0, 1, 127, 128, 300, 2**40], "loss_mask": [0, 0, 1], "id": "x-1", "lang": "ur", "e": []}
+    feats = {"tokens": [0, 1, 127, 128, 300, 2**40, -1], "loss_mask": [0, 0, 1], "id": "x-1", "lang": "ur", "e": []}
     ex = tf.train.Example(features=tf.train.Features(feature={
         "tokens": tf.train.Feature(int64_list=tf.train.Int64List(value=feats["tokens"])),
         "loss_mask": tf.train.Feature(int64_list=tf.train.Int64List(value=feats["loss_mask"])),
@@ -153,7 +153,14 @@ def test_serialize_example_matches_tensorflow():
         "lang": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"ur"])),
         "e": tf.train.Feature(int64_list=tf.train.Int64List(value=[])),
     }))
-    assert serialize_example(feats) == ex.SerializeToString(deterministic=True)
+    data = serialize_example(feats)
+    assert data == ex.SerializeToString(deterministic=True)
+    assert serialize_example(dict(reversed(list(feats.items())))) == data  # key order does not matter
+    back = tf.train.Example.FromString(data).features.feature
+    assert list(back["tokens"].int64_list.value) == feats["tokens"]
+    assert back["e"].WhichOneof("kind") == "int64_list"  # an empty list keeps its type
+    # a fixed byte layout: the first map entry is "e" (keys sorted), an empty Int64List
+    assert data.startswith(b"\n") and b"\n\x01e\x12\x02\x1a\x00" in data
 
 
 def test_same_bytes_with_more_workers_and_resume_rewrites_only_missing_shard(setup, prepared, tmp_path):
@@ -198,7 +205,7 @@ def test_same_bytes_with_more_workers_and_resume_rewrites_only_missing_shard(set
     assert digests(out2) != want
 
 
-@pytest.mark.parametrize("template", ["revgen", "evaluator"])
+@pytest.mark.parametrize("template", ["revgen", "evaluator", "sft_assistant", "raw"])
 def test_other_templates_train_the_right_part(setup, tmp_path, template):
     root, tok_dir, _ = setup
     labels = T.EVALUATOR_LABELS
@@ -211,15 +218,32 @@ def test_other_templates_train_the_right_part(setup, tmp_path, template):
     if template == "evaluator":
         assert m["inputs"][0]["skipped"] == {"bad_value:label": 1}
     else:
-        assert m["inputs"][0]["skipped"] == {}  # revgen does not need a label
+        assert m["inputs"][0]["skipped"] == {}  # the others do not need a label
+    assert m["template"]["name"] == template and m["template"]["trains"] == ("all" if template == "raw" else "targets")
     by_id = {r["id"]: r for r in rows}
     for path in shard_paths(str(out)):
         for ex in read_shard(path):
             rec = by_id[ex["id"]]
             trained = [t for t, w in zip(ex["tokens"], ex["loss_mask"]) if w]
             assert trained[-1] == tok.eos_id
-            want = rec["instruction"] if template == "revgen" else rec["label"]
+            if template == "raw":  # the record's text (instruction here: pairs have no text), BOS untrained
+                assert ex["tokens"][0] == tok.bos_id and ex["loss_mask"][0] == 0
+                assert trained == ex["tokens"][1:] and tok.decode(trained[:-1]) == rec["instruction"]
+                continue
+            want = {"revgen": rec["instruction"], "evaluator": rec["label"]}.get(template, rec["output"])
             assert tok.decode(trained[:-1]) == want
+            if template == "sft_assistant":
+                assert tok.decode(ex["tokens"]).endswith("style of an AI assistant. \n\n### Response:" + rec["output"])
+
+
+def test_sft_assistant_style_is_the_sft_assistant_task(setup, tmp_path):
+    root, tok, files = setup
+    a = run_prepare(make_cfg(root, tok, files[:1], tmp_path / "a", template="sft", sft_assistant_style=True))
+    b = run_prepare(make_cfg(root, tok, files[:1], tmp_path / "b", template="sft_assistant"))
+    assert a.manifest["template"]["name"] == b.manifest["template"]["name"] == "sft_assistant"
+    assert a.manifest["fingerprint"] == b.manifest["fingerprint"] and digests(tmp_path / "a") == digests(tmp_path / "b")
+    with pytest.raises(DataError, match="data.sft_assistant_style: applies to template sft only"):
+        run_prepare(make_cfg(root, tok, files[:1], tmp_path / "c", template="revgen", sft_assistant_style=True))
 
 
 def test_errors(setup, tmp_path):

@@ -1,4 +1,5 @@
-"""Templates: the released X-Instruction prompt strings, the joining rule, loss masks, BOS/EOS."""
+"""Templates: the released X-Instruction prompt strings, what each template needs from a record,
+and the one name list shared with the config. Tokens and loss weights: test_tasks.py."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import json
 
 import pytest
 
-from data_helpers import LANGS, cldr_pairs, train_small_tokenizer
+from data_helpers import LANGS
+from xinst_jax.config import TEMPLATES, ConfigError, DataConfig, load_config
 from xinst_jax.data import templates as T
 from xinst_jax.data.records import DataError
-from xinst_jax.data.tokenizer import load_tokenizer
 
 # ZNLP/X-Instruction utils/inference.py PROMPT_DICT, as released (the reference, typed from it).
 OFFICIAL = {
@@ -52,7 +53,7 @@ def test_sft_render_matches_official_format_map(lang):
         {"instruction": rec["instruction"], "output_lang": NAMES[lang]})
     assert r.prompt.endswith(f"{rec['instruction']} Answer in {NAMES[lang]}. \n\n### Response:")
     assert r.completion == rec["output"]
-    aug = T.render("sft", rec, assistant_style=True)
+    aug = T.render("sft_assistant", rec)
     assert aug.prompt == OFFICIAL["xres_aug_prompt_no_input"].format_map(
         {"instruction": rec["instruction"], "output_lang": NAMES[lang]})
 
@@ -74,61 +75,40 @@ def test_revgen_and_evaluator_render():
         T.render("sft", dict(RECORD, lang="zz-notalang"))
 
 
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    """Our two kinds on the same trained files, plus a byte-level BPE tokenizer.json without BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    records = cldr_pairs(per_lang=6)
-    texts = [t for r in records for t in (r["instruction"], r["output"])] + [RECORD["output"], RECORD["instruction"]]
-    d = train_small_tokenizer(tmp_path_factory.mktemp("tok"), texts + [T.SFT_PROMPT, T.REVGEN_PROMPT])
-    bl = Tokenizer(models.BPE())
-    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bl.decoder = decoders.ByteLevel()
-    bl.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bdir = tmp_path_factory.mktemp("bytelevel")
-    bl.save(str(bdir / "tokenizer.json"))
-    (bdir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    return {"sentencepiece": load_tokenizer(str(d / "tokenizer.model")), "hf": load_tokenizer(str(d)),
-            "bytelevel": load_tokenizer(str(bdir))}
+def test_raw_text_and_revgen_on_documents():
+    assert T.render("raw", {"prompt": "p", "text": "t"}) == T.Rendered("p", "")  # the prompt wins
+    assert T.render_prompt("raw", {"prompt": "", "instruction": "i", "text": "t"}) == "i\n\nt"
+    assert T.render_prompt("raw", {"instruction": "i", "text": "t"}, join=" | ") == "i | t"
+    assert T.render_prompt("raw", {"text": "เอกสาร"}) == "เอกสาร"
+    # revgen prompts with the target-language text: a pair's output, else a document's text
+    assert T.render_prompt("revgen", {"text": "ข้อความ"}) == T.render_prompt("revgen", {"output": "ข้อความ"})
+    assert T.render_prompt("revgen", {"output": "a", "text": "b"}).endswith("### Text:\na\n\n### English Instruction:")
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece", "hf", "bytelevel"])
-@pytest.mark.parametrize("template", T.TEMPLATES)
-def test_tokens_join_without_separator_and_mask_the_completion(tokenizers, kind, template):
-    tok = tokenizers[kind]
-    for lang in LANGS:
-        rec = dict(RECORD, lang=lang)
-        for output in (RECORD["output"], " leading space", "ภาษาไทย"):
-            rendered = T.render(template, dict(rec, output=output))
-            ex = T.tokenize_example(tok, rendered)
-            assert len(ex.tokens) == len(ex.loss_mask)
-            # the whole sequence decodes to prompt + completion, nothing between them
-            assert tok.decode(ex.tokens) == rendered.prompt + rendered.completion
-            # the prompt part is exactly what the tokenizer gives for the prompt at inference
-            assert ex.tokens[:ex.prompt_len] == tok.encode(rendered.prompt)
-            # loss: 0 on the prompt, 1 on completion + EOS, one contiguous run to the end
-            assert ex.loss_mask == [0] * ex.prompt_len + [1] * (len(ex.tokens) - ex.prompt_len)
-            assert ex.tokens[-1] == tok.eos_id
-            trained = [t for t, m in zip(ex.tokens, ex.loss_mask) if m]
-            assert tok.decode(trained[:-1]) .lstrip(" ") == rendered.completion.lstrip(" ")
-            assert tok.decode(ex.tokens[ex.prompt_len:]) .lstrip(" ") == rendered.completion.lstrip(" ")
-    if kind == "bytelevel":
-        assert tok.prefix_ids == () and ex.tokens[0] != tok.eos_id  # no BOS in this tokenizer's files
-    else:
-        assert tok.prefix_ids == (tok.bos_id,) and ex.tokens[0] == tok.bos_id and ex.tokens.count(tok.bos_id) == 1
+def test_one_name_list_for_config_and_templates():
+    assert tuple(T.SPECS) == TEMPLATES == ("sft", "sft_assistant", "revgen", "evaluator", "raw")
+    assert T.template_name("sft", assistant_style=True) == "sft_assistant"
+    assert T.template_name("sft_assistant", assistant_style=True) == "sft_assistant"
+    for name in TEMPLATES:
+        assert T.template_name(name) == name
+    with pytest.raises(DataError, match="sft_assistant_style: applies to template sft only"):
+        T.template_name("revgen", assistant_style=True)
+    assert DataConfig().template == "sft"
+    assert load_config("generate_demo").generate.template == "raw"  # the plain completion job, as before
+    for key in ("data.template", "generate.template"):
+        with pytest.raises(ConfigError, match=f"{key}: expected 'sft' \\| 'sft_assistant'"):
+            load_config("generate_demo", [f"{key}=chat"])
 
 
-def test_no_eos_is_an_error(tokenizers, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    bl = Tokenizer(models.BPE())
-    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bl.train_from_iterator(["abc"], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bl.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text("{}")
-    tok = load_tokenizer(str(tmp_path))
-    assert tok.eos_id is None
-    with pytest.raises(DataError, match="no EOS"):
-        T.tokenize_example(tok, T.render("sft", RECORD))
+def test_specs_say_what_each_template_reads_and_trains():
+    assert {n: (s.kind, s.trains) for n, s in T.SPECS.items()} == {
+        "sft": ("pairs", "targets"), "sft_assistant": ("pairs", "targets"), "revgen": ("pairs", "targets"),
+        "evaluator": ("pairs", "targets"), "raw": ("documents", "all")}
+    assert T.SPECS["evaluator"].allowed == {"label": T.EVALUATOR_LABELS}
+    assert [n for n, s in T.SPECS.items() if s.needs_lang] == ["sft", "sft_assistant", "evaluator"]
+    # the prompt fields are enough to render each prompt (generation has no completion)
+    record = {"lang": "sw", "instruction": "Say hi.", "output": "Habari", "text": "Habari"}
+    for name, s in T.SPECS.items():
+        any_of = tuple(f for f in s.prompt_any_of if f in record)
+        prompt_only = {f: record[f] for f in ("lang",) + s.prompt_fields + any_of}
+        assert T.render_prompt(name, prompt_only) == T.render(name, dict(record, label="best")).prompt

@@ -14,7 +14,7 @@ import yaml
 
 from data_helpers import EDGE_TEXTS, REPO, all_texts, cldr_pairs, train_small_tokenizer, write_jsonl
 from xinst_jax.data.records import DataError
-from xinst_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from xinst_jax.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 RECORDS = cldr_pairs(per_lang=12)
 TEXTS = all_texts(RECORDS)
@@ -170,6 +170,44 @@ def test_load_errors(tmp_path, trained):
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a SentencePiece model"):
         load_tokenizer(str(tmp_path / "bad.model"))
+
+
+def test_load_errors_name_the_config_key(tmp_path):
+    with pytest.raises(DataError, match=r"^generate.tokenizer: .*missing does not exist$"):
+        load_tokenizer(str(tmp_path / "missing"), key="generate.tokenizer")
+
+
+def test_byte_tokenizer_behind_the_same_interface():
+    tok = load_tokenizer("bytes")
+    assert isinstance(tok, ByteTokenizer) and tok.kind == "bytes"
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 259)
+    assert tok.prefix_ids == (1,) and tok.suffix_ids == () and tok.add_bos
+    for text in ("hello", "กรุงเทพ", "Habari ya asubuhi", "پاکستان", "", *EDGE_TEXTS):
+        plain = tok.encode(text, add_special_tokens=False)
+        assert plain == [b + 3 for b in text.encode("utf-8")]
+        assert tok.encode(text) == [1] + plain  # BOS in front, as the Llama tokenizers add it
+        assert tok.encode_continuation(text) == plain
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode("ab") + [tok.eos_id, 0]) == "ab"  # specials are not text
+    tok.check_continuation()
+    d = tok.describe()
+    assert d["kind"] == "bytes" and d["files"] == [] and d["sha256"] == load_tokenizer("bytes").sha256()
+
+
+def test_tokenizer_json_without_post_processor_adds_nothing(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the cat sat on the mat", "the dog sat on the log"] * 5,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(str(tmp_path))  # a directory holding tokenizer.json, no config beside it
+    assert isinstance(ours, HFTokenizer) and ours.prefix_ids == ()
+    assert (ours.bos_id, ours.eos_id, ours.unk_id) == (1, 2, 3)  # the usual names, looked up
+    ids = ours.encode("the cat sat")
+    assert ids == tok.encode("the cat sat", add_special_tokens=False).ids
+    assert ours.decode(ids) == tok.decode(ids)
 
 
 def run_entry(*args, cwd, timeout=300):

@@ -2,22 +2,26 @@
 
     python launch/tpu_run.py --config NAME   (job: prepare)
 
-Reads `data.inputs` (records.py), renders `data.template` (templates.py), tokenises with
-`data.tokenizer` (tokenizer.py) in `data.num_workers` processes, and writes into
-`data.prepared_dir` (default `<run_dir>/data`; may be gs://):
+Reads `data.inputs` (records.py), turns each record into tokens with the Task that
+`data.template` (+ `data.sft_assistant_style`) names and `data.tokenizer` (tasks.py) in
+`data.num_workers` processes, and writes into `data.prepared_dir` (default `<run_dir>/data`;
+may be gs://):
 
   <split>-00000-of-00008.tfrecord ...   tf.train.Example per example, features
       id         bytes     the record id
       lang       bytes     ISO 639-1
-      tokens     int64[]   prefix (BOS) + prompt + completion + EOS
-      loss_mask  int64[]   same length; 1 on the completion and the final EOS, 0 elsewhere
+      tokens     int64[]   prefix (BOS) + prompt + completion + EOS (Task.encode: prompt + target)
+      loss_mask  int64[]   same length; 1 on the trained tokens: the completion and the final EOS
+                           (raw: every token after the prefix), 0 elsewhere
   <shard>.done                          completion marker (JSON: fingerprint, count, sha256, stats)
   manifest.json                         see `read_manifest`
 
 Determinism: kept record k (counted over all inputs in config order, files in sorted order)
-goes to shard k % num_shards, in order; examples are serialised by a fixed encoder (map keys
-sorted, as protobuf's deterministic mode does). The bytes depend on the inputs, the tokenizer,
-the template and num_shards -- never on num_workers or timing.
+goes to shard k % num_shards, in order; examples are `tf.train.Example`s serialised in
+protobuf's deterministic mode (map keys sorted). The bytes depend on the inputs, the tokenizer,
+the template and num_shards -- never on num_workers or timing. (tf.train.Example replaced a
+hand-written encoder of the same bytes: it is 14x faster, 13.5k vs 0.96k examples/s of ~1,400
+tokens on one core; the workers import TensorFlow once, ~3 s, in parallel.)
 
 Resume: a shard whose marker exists with the current fingerprint (inputs, tokenizer files,
 template + version, languages, max_chars, num_shards, split) is not rewritten; every other
@@ -41,14 +45,14 @@ import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from xinst_jax.config import Config, DataConfig
 from xinst_jax.data.records import DataError, RecordReader, glob_files, import_tf, is_remote
-from xinst_jax.data.templates import (ALLOWED_VALUES, REQUIRED_FIELDS, TEMPLATE_VERSION, TEMPLATES, render,
-                                      tokenize_example)
+from xinst_jax.data.templates import TEMPLATE_VERSION, template_name
 from xinst_jax.data.tokenizer import load_tokenizer
 from xinst_jax.jobs import register_job
+from xinst_jax.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -81,40 +85,27 @@ def tokenizer_path(cfg: Config) -> str:
 # --------------------------------------------------------------------------- tf.train.Example
 
 
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negative int64
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _bytes_feature(value: bytes) -> bytes:
-    return _field(1, _field(1, value))  # Feature.bytes_list{value}
-
-
-def _int64_feature(values: Iterable[int]) -> bytes:
-    packed = b"".join(_varint(int(v)) for v in values)
-    return _field(3, _field(1, packed) if packed else b"")  # Feature.int64_list{packed value}
+_EXAMPLE: Any = None  # tf.train.Example, once TensorFlow is imported
 
 
 def serialize_example(features: dict[str, Any]) -> bytes:
-    """A tf.train.Example, byte-identical to `SerializeToString(deterministic=True)`: map entries in
-    key order. Values: bytes/str -> BytesList of one value; a list of ints -> packed Int64List."""
-    entries = []
-    for key in sorted(features):
-        value = features[key]
+    """A tf.train.Example, `SerializeToString(deterministic=True)` (map entries in key order).
+    Values: bytes/str -> BytesList of one value; a sequence of ints -> Int64List."""
+    global _EXAMPLE
+    if _EXAMPLE is None:
+        _EXAMPLE = import_tf().train.Example
+    ex = _EXAMPLE()
+    fmap = ex.features.feature
+    for key, value in features.items():
         if isinstance(value, str):
             value = value.encode("utf-8")
-        feature = _bytes_feature(value) if isinstance(value, bytes) else _int64_feature(value)
-        entries.append(_field(1, _field(1, key.encode("utf-8")) + _field(2, feature)))
-    return _field(1, b"".join(entries))
+        if isinstance(value, bytes):
+            fmap[key].bytes_list.value.append(value)
+        else:
+            ints = fmap[key].int64_list
+            ints.SetInParent()  # an empty list is still an Int64List
+            ints.value.extend(value)
+    return ex.SerializeToString(deterministic=True)
 
 
 # --------------------------------------------------------------------------- workers
@@ -123,21 +114,21 @@ def serialize_example(features: dict[str, Any]) -> bytes:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_file: str, template: str, assistant_style: bool) -> None:
-    _WORKER["tokenizer"] = load_tokenizer(tokenizer_file)
-    _WORKER["template"] = template
-    _WORKER["assistant_style"] = assistant_style
+def _init_worker(tokenizer_file: str, template: str) -> None:
+    import_tf()  # once per worker, not on the first example
+    _WORKER["task"] = Task(template, load_tokenizer(tokenizer_file))
 
 
 def _tokenize_chunk(chunk: list[tuple[int, dict]]) -> list[tuple[int, str, int, int, bytes]]:
     """(k, record) -> (k, lang, tokens, loss tokens, serialized example)."""
-    tok, template, style = _WORKER["tokenizer"], _WORKER["template"], _WORKER["assistant_style"]
+    task: Task = _WORKER["task"]
     out = []
     for k, record in chunk:
-        ex = tokenize_example(tok, render(template, record, style))
-        data = serialize_example({"id": record["id"], "lang": record["lang"], "tokens": ex.tokens,
-                                  "loss_mask": ex.loss_mask})
-        out.append((k, record["lang"], len(ex.tokens), sum(ex.loss_mask), data))
+        ex = task.encode(record)
+        tokens = ex.tokens
+        data = serialize_example({"id": record["id"], "lang": record["lang"], "tokens": tokens,
+                                  "loss_mask": ex.loss_weights})
+        out.append((k, record["lang"], len(tokens), sum(ex.loss_weights), data))
     return out
 
 
@@ -217,9 +208,8 @@ def _source_sizes(cfg: DataConfig) -> list:
 def fingerprint(cfg: DataConfig, tokenizer) -> str:
     """What the shards' bytes depend on. A marker with another fingerprint is not 'done'."""
     spec = {
-        "format": FORMAT, "template": cfg.template, "template_version": TEMPLATE_VERSION,
-        "assistant_style": cfg.sft_assistant_style if cfg.template == "sft" else False,
-        "tokenizer": tokenizer.sha256(), "num_shards": cfg.num_shards, "split": cfg.split,
+        "format": FORMAT, "template": template_name(cfg.template, cfg.sft_assistant_style),
+        "template_version": TEMPLATE_VERSION, "tokenizer": tokenizer.sha256(), "num_shards": cfg.num_shards, "split": cfg.split,
         "languages": sorted(cfg.languages), "max_chars": cfg.max_chars,
         "inputs": [dataclasses.asdict(i) for i in cfg.inputs], "sources": _source_sizes(cfg),
     }
@@ -264,8 +254,11 @@ class PrepareResult:
 def _check(cfg: DataConfig) -> None:
     if not cfg.inputs:
         raise DataError("data.inputs: empty; list at least one {path: ...} or {tfds_name: ...}")
-    if cfg.template not in TEMPLATES:
-        raise DataError(f"data.template: unknown template {cfg.template!r} (known: {', '.join(TEMPLATES)})")
+    try:
+        template_name(cfg.template, cfg.sft_assistant_style)
+    except DataError as e:
+        msg = str(e)
+        raise DataError(msg if msg.startswith("data.") else f"data.template: {msg}") from None
     if cfg.num_shards < 1:
         raise DataError(f"data.num_shards: must be >= 1, got {cfg.num_shards}")
     if cfg.num_workers < 0:
@@ -314,6 +307,7 @@ def run_prepare(cfg: Config) -> PrepareResult:
     out_dir = prepared_dir(cfg)
     tok_file = tokenizer_path(cfg)
     tokenizer = load_tokenizer(tok_file)
+    task = Task.from_data_config(data, tokenizer)
     fp = fingerprint(data, tokenizer)
     index = process_index(cfg)
     if index > 0:
@@ -339,8 +333,7 @@ def run_prepare(cfg: Config) -> PrepareResult:
     log.info("prepare: %d of %d shards to write into %s (%s)", len(todo), n, out_dir,
              "fresh" if len(todo) == n else f"{n - len(todo)} finished shards kept")
 
-    reader = RecordReader(data.languages, data.max_chars, data.strict, required=REQUIRED_FIELDS[data.template],
-                          allowed=ALLOWED_VALUES.get(data.template))
+    reader = RecordReader(data.languages, data.max_chars, data.strict, **task.reader_fields(training=True))
     workers = data.num_workers or (os.cpu_count() or 1)
     writers: dict[int, Any] = {}
     hists: dict[int, dict[str, collections.Counter]] = {s: collections.defaultdict(collections.Counter) for s in todo}
@@ -354,10 +347,9 @@ def run_prepare(cfg: Config) -> PrepareResult:
         if todo:
             if workers > 1:
                 ctx = multiprocessing.get_context("spawn")  # no fork of a process holding TF/JAX threads
-                pool = ctx.Pool(workers, initializer=_init_worker,
-                                initargs=(tokenizer.path, data.template, data.sft_assistant_style))
+                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path, task.name))
             else:
-                _init_worker(tokenizer.path, data.template, data.sft_assistant_style)
+                _init_worker(tokenizer.path, task.name)
                 pool = _Inline()
             for s in todo:
                 writers[s] = tf.io.TFRecordWriter(paths[s] + ".tmp")
@@ -373,12 +365,12 @@ def run_prepare(cfg: Config) -> PrepareResult:
                     written_counts[s] += 1
 
         chunk: list[tuple[int, dict]] = []
-        fields = ("id", "lang") + REQUIRED_FIELDS[data.template]
+        fields = task.record_fields(training=True)
         for k, record in enumerate(reader.read(data.inputs)):
             s = k % n
             counts[s] += 1
             if s in writers:
-                chunk.append((k, {f: record[f] for f in fields}))
+                chunk.append((k, {f: record[f] for f in fields if f in record}))
                 if len(chunk) >= CHUNK:
                     pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
                     chunk = []
@@ -412,7 +404,7 @@ def run_prepare(cfg: Config) -> PrepareResult:
         if markers[s]["examples"] != counts[s]:
             raise DataError(f"{paths[s]}: its marker counts {markers[s]['examples']} examples but the inputs now give "
                             f"{counts[s]} for it; delete {out_dir} and rerun")
-    manifest = _manifest(cfg, tokenizer, fp, reader, markers, out_dir)
+    manifest = _manifest(cfg, task, fp, reader, markers, out_dir)
     _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
     elapsed = time.time() - start
     log.info("prepare: %d examples in %.1fs (%d shards written, %d kept)", sum(counts), elapsed, len(todo), n - len(todo))
@@ -420,7 +412,7 @@ def run_prepare(cfg: Config) -> PrepareResult:
                          reused=[names[s] for s in range(n) if s not in todo])
 
 
-def _manifest(cfg: Config, tokenizer, fp: str, reader: RecordReader, markers: list[dict], out_dir: str) -> dict:
+def _manifest(cfg: Config, task: Task, fp: str, reader: RecordReader, markers: list[dict], out_dir: str) -> dict:
     data = cfg.data
     per_lang: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     loss_by_lang: collections.Counter = collections.Counter()
@@ -443,9 +435,8 @@ def _manifest(cfg: Config, tokenizer, fp: str, reader: RecordReader, markers: li
         "split": data.split,
         "created_by": "xinst_jax prepare",
         "fingerprint": fp,
-        "template": {"name": data.template, "version": TEMPLATE_VERSION,
-                     "assistant_style": data.sft_assistant_style if data.template == "sft" else False},
-        "tokenizer": tokenizer.describe(),
+        "template": task.describe(),
+        "tokenizer": task.tokenizer.describe(),
         "features": FEATURES,
         "num_examples": sum(s["examples"] for s in shards),
         "inputs": [s.to_dict() for s in reader.stats],
@@ -459,7 +450,7 @@ def _manifest(cfg: Config, tokenizer, fp: str, reader: RecordReader, markers: li
 def read_manifest(directory: str) -> dict:
     """The manifest.json of a prepared directory (local or gs://), checked for format.
 
-    Keys: format, complete, split, fingerprint, template {name, version, assistant_style},
+    Keys: format, complete, split, fingerprint, template {name, version, kind, trains},
     tokenizer {path, kind, vocab_size, bos_id, eos_id, pad_id, prefix_ids, ...}, features,
     num_examples, inputs [{source, in, kept, skipped {reason: n}, ...}], totals, languages
     {lang: {examples, count (= examples), mean, p50, p90, p99, max, total_tokens, loss_tokens}}

@@ -1,8 +1,13 @@
 """Records: read JSONL (.jsonl, .jsonl.gz), Parquet and TFDS datasets, validate, normalise.
 
 A record (DESIGN.md) is a dict with `id`, `lang` (ISO 639-1), the fields of its kind (`text` for
-corpus documents; `instruction`, `output` for pairs; `label` for evaluator examples) and `meta`
-(every other field of the source row, plus the source's own `meta` dict).
+corpus documents; `instruction`, `output` for pairs; `label` for evaluator examples; `prompt` for
+the raw template's generation prompts) and `meta` (every other field of the source row, plus the
+source's own `meta` dict).
+
+This is the one reader of records: prepare, train_tokenizer and the generate job all use it, so a
+bad line is skipped and counted (or, with strict, raised) the same way everywhere.
+`RecordReader.read_located` yields each record with its source and line (`Located`).
 
 Sources: local paths are opened with plain `open`; `gs://` paths go through `tf.io.gfile`
 (TensorFlow imported lazily, only then). `DataInputConfig.path` is a file, a glob, or a
@@ -17,19 +22,22 @@ Reasons (a field-specific reason is written `reason:field`):
   invalid_utf8            the line is not valid UTF-8
   malformed_json          the line does not parse as JSON
   not_object              the line is JSON but not an object
-  missing_field:F         F absent or null (`id` is never missing: it defaults to `<file>:<line>`;
-                          `lang` defaults to the input's `lang`)
+  missing_field:F         F absent or null (`id` defaults to `<file>:<line>` unless the caller
+                          requires ids; `lang` defaults to the input's `lang`)
   bad_type:F              F is not a string (`id` may also be an integer)
   empty_field:F           F is empty or whitespace only
   too_long:F              F has more than `data.max_chars` characters
   unknown_lang:lang       `lang` (lower-cased) is not one of `data.languages`
   bad_value:F             F is not one of its allowed values (the evaluator `label`)
 
-The first few of each reason per source are logged as `file:line: field: reason`. With
+The first few of each reason per source are logged as `file:line: field: reason`, and the first
+`keep_bad` of them all are kept as such lines (`RecordReader.bad`, for reports). With
 `strict: true` the first bad record raises `DataError` (a ConfigError: exit code 2) naming
 file:line:field. Blank lines are not records: they are counted as `blank_lines`, not in `in`.
 Only the fields the caller needs (the template's) are validated and taken into the record; any
-other field of the source row goes into `meta`. Field values are kept exactly as read (no
+other field of the source row goes into `meta`. `lang` is required and checked against the
+languages unless the caller says its template does not need it (then it is taken as given, or
+"" when absent). Field values are kept exactly as read (no
 stripping, no Unicode normalisation): what the tokenizer sees is what the file holds.
 """
 
@@ -48,8 +56,10 @@ from xinst_jax.config import ConfigError, DataInputConfig
 
 log = logging.getLogger(__name__)
 
-TEXT_FIELDS = ("text", "instruction", "output")  # the free-text fields (max_chars applies)
-RECORD_FIELDS = ("id", "lang", "text", "instruction", "output", "label", "meta")
+TEXT_FIELDS = ("text", "instruction", "output")  # the free-text fields of records (tokenizer training)
+LIMITED_FIELDS = TEXT_FIELDS + ("prompt",)  # max_chars applies
+CONTENT_FIELDS = ("text", "instruction", "output", "label", "prompt")  # validated when the caller needs them
+RECORD_FIELDS = ("id", "lang") + CONTENT_FIELDS + ("meta",)
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 LOG_FIRST = 3  # bad records logged per reason and source
 
@@ -119,6 +129,22 @@ class SourceStats:
                 "blank_lines": self.blank_lines}
 
 
+@dataclass(frozen=True)
+class Located:
+    """A record with where it came from: `source` (file path or tfds:<name>/<split>), `line`
+    (1-based line or row) and `source_id`, the id as the row held it (str or int; the default
+    `<file>:<line>` when absent), where `record["id"]` is always a string."""
+
+    record: dict
+    source: str
+    line: int
+    source_id: Any
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
 class _Bad(Exception):
     def __init__(self, reason: str, fld: str = "-", detail: str = ""):
         super().__init__(reason)
@@ -137,12 +163,17 @@ class RecordReader:
 
     required: fields every record must have (non-empty strings within max_chars);
     any_of: at least one of these must be present (e.g. any text field, for tokenizer training);
-    allowed: field -> allowed values (e.g. the evaluator's labels).
+    allowed: field -> allowed values (e.g. the evaluator's labels);
+    require_id: a row without `id` is bad (missing_field:id) instead of getting `<file>:<line>`;
+    require_lang: `lang` must be present and one of `languages` (else taken as given, "" if absent);
+    keep_bad: this many bad-line descriptions are kept for reports (`bad`), all sources together.
     """
 
     def __init__(self, languages: Sequence[str], max_chars: int, strict: bool = False,
                  required: Sequence[str] = ("instruction", "output"), any_of: Sequence[str] = (),
-                 allowed: Optional[dict[str, Sequence[str]]] = None, log_first: int = LOG_FIRST):
+                 allowed: Optional[dict[str, Sequence[str]]] = None, log_first: int = LOG_FIRST,
+                 require_id: bool = False, require_lang: bool = True, keep_bad: int = 0,
+                 strict_key: str = "data.strict"):
         self.languages = set(languages)
         self.max_chars = max_chars
         self.strict = strict
@@ -150,16 +181,28 @@ class RecordReader:
         self.any_of = tuple(any_of)
         self.allowed = {k: tuple(v) for k, v in (allowed or {}).items()}
         self.log_first = log_first
+        self.require_id = require_id
+        self.require_lang = require_lang
+        self.keep_bad = keep_bad
+        self.strict_key = strict_key  # named in strict errors
+        self.bad: list[str] = []  # "file:line: field: reason (detail)", the first keep_bad
         self.stats: list[SourceStats] = []
+        unknown = (set(self.required) | set(self.any_of) | set(self.allowed)) - set(CONTENT_FIELDS)
+        if unknown:
+            raise ValueError(f"RecordReader: unknown record fields {sorted(unknown)} (known: {CONTENT_FIELDS})")
 
     # ---- public
 
     def read(self, inputs: Sequence[DataInputConfig]) -> Iterator[dict]:
-        for i, inp in enumerate(inputs):
-            yield from self.read_input(inp, i)
+        for located in self.read_located(inputs):
+            yield located.record
 
-    def read_input(self, inp: DataInputConfig, index: int = 0) -> Iterator[dict]:
-        key = f"data.inputs[{index}]"
+    def read_located(self, inputs: Sequence[DataInputConfig], key: str = "data.inputs") -> Iterator[Located]:
+        for i, inp in enumerate(inputs):
+            yield from self.read_input(inp, i, f"{key}[{i}]")
+
+    def read_input(self, inp: DataInputConfig, index: int = 0, key: str = "") -> Iterator[Located]:
+        key = key or f"data.inputs[{index}]"
         if bool(inp.path) == bool(inp.tfds_name):
             raise DataError(f"{key}: set exactly one of path (JSONL/Parquet files) and tfds_name "
                             f"(got path={inp.path!r}, tfds_name={inp.tfds_name!r})")
@@ -189,7 +232,7 @@ class RecordReader:
     # ---- internals
 
     def _read_source(self, source: str, rows: Iterable[tuple[int, Any]], inp: DataInputConfig,
-                     index: int) -> Iterator[dict]:
+                     index: int) -> Iterator[Located]:
         stats = SourceStats(source=source, input_index=index)
         self.stats.append(stats)
         base = os.path.basename(source.rstrip("/"))
@@ -200,23 +243,25 @@ class RecordReader:
                 continue
             stats.n_in += 1
             try:
-                record = self._normalise(row, inp, f"{base}:{line}")
+                record, source_id = self._normalise(row, inp, f"{base}:{line}")
             except _Bad as bad:
                 where = f"{source}:{line}: {bad.field}: {bad.reason}" + (f" ({bad.detail})" if bad.detail else "")
                 if self.strict:
-                    raise DataError(where + " [data.strict is true]") from None
+                    raise DataError(f"{where} [{self.strict_key} is true]") from None
                 stats.skipped[bad.key] += 1
                 logged[bad.key] += 1
                 if logged[bad.key] <= self.log_first:
                     log.warning("skipped %s", where)
+                if len(self.bad) < self.keep_bad:
+                    self.bad.append(where)
                 continue
             stats.kept += 1
-            yield record
+            yield Located(record, source, line, source_id)
         for key, n in sorted(logged.items()):
-            if n > self.log_first:
+            if n > self.log_first > 0:  # log_first 0: the caller reports bad lines itself
                 log.warning("%s: %d records skipped for %s (first %d logged)", source, n, key, self.log_first)
 
-    def _normalise(self, row: Any, inp: DataInputConfig, default_id: str) -> dict:
+    def _normalise(self, row: Any, inp: DataInputConfig, default_id: str) -> tuple[dict, Any]:
         if isinstance(row, _BadRow):
             raise _Bad(row.reason, detail=row.detail)
         if not isinstance(row, dict):
@@ -237,6 +282,8 @@ class RecordReader:
         # id: a string or integer; absent -> <file>:<line>
         rid = get("id")
         if rid is None:
+            if self.require_id:
+                raise _Bad("missing_field", "id")
             rid = default_id
         elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise _Bad("bad_type", "id", type(rid).__name__)
@@ -247,19 +294,22 @@ class RecordReader:
         lang = get("lang")
         if lang is None:
             lang = inp.lang or None
+        if lang is None and not self.require_lang:
+            lang = ""
         if lang is None:
             raise _Bad("missing_field", "lang")
         if not isinstance(lang, str):
             raise _Bad("bad_type", "lang", type(lang).__name__)
         lang = lang.strip().lower()
-        if not lang:
-            raise _Bad("empty_field", "lang")
-        if lang not in self.languages:
-            raise _Bad("unknown_lang", "lang", repr(lang))
+        if self.require_lang:
+            if not lang:
+                raise _Bad("empty_field", "lang")
+            if lang not in self.languages:
+                raise _Bad("unknown_lang", "lang", repr(lang))
         out["lang"] = lang
         # content fields: those the caller needs are validated; others ride along in `meta`
         checked = set(self.required) | set(self.any_of)
-        for f in ("text", "instruction", "output", "label"):
+        for f in CONTENT_FIELDS:
             if f not in checked:
                 continue
             value = get(f)
@@ -273,7 +323,7 @@ class RecordReader:
                 if f in self.required:
                     raise _Bad("empty_field", f)
                 continue  # an empty any_of field counts as absent
-            if f in TEXT_FIELDS and len(value) > self.max_chars:
+            if f in LIMITED_FIELDS and len(value) > self.max_chars:
                 raise _Bad("too_long", f, f"{len(value)} > max_chars {self.max_chars}")
             if f in self.allowed and value not in self.allowed[f]:
                 raise _Bad("bad_value", f, f"{value!r} not in {list(self.allowed[f])}")
@@ -288,7 +338,7 @@ class RecordReader:
             if k not in used:
                 meta[k] = _plain(v)
         out["meta"] = meta
-        return out
+        return out, rid
 
 
 def _plain(value: Any) -> Any:

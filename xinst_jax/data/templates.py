@@ -1,27 +1,20 @@
-"""Prompt templates, versioned: a record -> (prompt, completion) -> tokens + loss mask.
+"""Prompt templates, versioned: a record -> (prompt, completion) strings. `xinst_jax.tasks.Task`
+turns them into tokens and loss weights; prepare, generate and scoring all go through it.
 
-`revgen` and `sft` reproduce the prompt formats of the released X-Instruction models exactly
-(ZNLP/X-Instruction, utils/inference.py, PROMPT_DICT):
+`sft`, `sft_assistant` and `revgen` reproduce the prompt formats of the released X-Instruction
+models exactly (ZNLP/X-Instruction, utils/inference.py, PROMPT_DICT):
 
-  sft        "xres_prompt_no_input"       English instruction + " Answer in {Language}." -> output
-  sft        "xres_aug_prompt_no_input"   (data.sft_assistant_style) "... Answer in {Language} and
-                                          the style of an AI assistant." -> output
-  revgen     "xins_prompt_no_input"       target-language text -> English instruction
-  evaluator  ours (below)                 (instruction, output) -> best | flawed | worst
+  sft            "xres_prompt_no_input"      English instruction + " Answer in {Language}." -> output
+  sft_assistant  "xres_aug_prompt_no_input"  "... Answer in {Language} and the style of an AI
+                                             assistant." -> output (data.sft_assistant_style)
+  revgen         "xins_prompt_no_input"      target-language text -> English instruction
+  evaluator      ours (below)                (instruction, output) -> best | flawed | worst
+  raw            no template                 a document's text, trained whole (no prompt string)
 
 Joining rule (Alpaca-style, as the released models were trained): the completion follows the
 prompt directly, with no separator -- the prompt ends in "### Response:" (or
-"### English Instruction:", "### Rating:") and the completion's first character comes next;
-the EOS token follows the completion. Token by token:
-
-  tokens    = tokenizer.prefix_ids + encode(prompt) + encode_continuation(completion) + [eos_id]
-  loss_mask =        0 ...                0 ...             1 ...                      1
-
-`tokenizer.prefix_ids` is what transformers adds in front of a text (BOS for Llama tokenizers),
-so the prompt's ids are exactly `tokenizer(prompt)["input_ids"]` as the released inference code
-builds them, and `decode(tokens) == prompt + completion`. The completion is encoded as a
-continuation (no SentencePiece dummy prefix), so no space appears between prompt and
-completion and no token straddles the boundary: the loss covers exactly the completion and EOS.
+"### English Instruction:", "### Rating:") and the completion's first character comes next.
+`tasks.py` describes the token layout (BOS, EOS, loss weights).
 
 TEMPLATE_VERSION changes whenever any of the strings or the joining rule change (prepared data
 records it in its manifest).
@@ -29,14 +22,15 @@ records it in its manifest).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Literal
 
+from xinst_jax.config import TEMPLATES
 from xinst_jax.data.records import DataError
 
 TEMPLATE_VERSION = 1
-TEMPLATES = ("revgen", "sft", "evaluator")
 COMPLETION_SEPARATOR = ""  # between prompt and completion (Alpaca: none)
+DEFAULT_JOIN = "\n\n"  # raw: between `instruction` and `text`
 
 SFT_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -70,13 +64,51 @@ LANGUAGE_NAMES = {
     "ta": "Tamil", "th": "Thai", "tr": "Turkish", "ur": "Urdu", "vi": "Vietnamese", "en": "English",
 }
 
-# Record fields each template needs (records.RecordReader validates them).
-REQUIRED_FIELDS = {
-    "revgen": ("instruction", "output"),
-    "sft": ("instruction", "output"),
-    "evaluator": ("instruction", "output", "label"),
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """What a template needs from a record (records.RecordReader validates it) and what it trains."""
+
+    name: str
+    kind: Literal["pairs", "documents"]
+    train_fields: tuple[str, ...]  # every one required to build a training example
+    prompt_fields: tuple[str, ...] = ()  # every one required to build the prompt alone
+    prompt_any_of: tuple[str, ...] = ()  # at least one of these required for the prompt
+    train_any_of: tuple[str, ...] = ()
+    needs_lang: bool = False  # the prompt names the record's language
+    trains: Literal["targets", "all"] = "targets"  # what the loss covers
+    allowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+SPECS = {
+    "sft": TemplateSpec("sft", "pairs", ("instruction", "output"), ("instruction",), needs_lang=True),
+    "sft_assistant": TemplateSpec("sft_assistant", "pairs", ("instruction", "output"), ("instruction",),
+                                  needs_lang=True),
+    # revgen prompts with the target-language text: a pair's `output`, or a document's `text`
+    "revgen": TemplateSpec("revgen", "pairs", ("instruction", "output"), prompt_any_of=("output", "text")),
+    "evaluator": TemplateSpec("evaluator", "pairs", ("instruction", "output", "label"), ("instruction", "output"),
+                              needs_lang=True, allowed={"label": EVALUATOR_LABELS}),
+    # raw: `prompt`, else `instruction` and/or `text` joined (documents are `{text}`); loss on all of it
+    "raw": TemplateSpec("raw", "documents", (), train_any_of=("prompt", "instruction", "text"),
+                        prompt_any_of=("prompt", "instruction", "text"), trains="all"),
 }
-ALLOWED_VALUES = {"evaluator": {"label": EVALUATOR_LABELS}}
+assert tuple(SPECS) == TEMPLATES, "config.TEMPLATES and SPECS name the same templates"
+
+
+def spec(template: str) -> TemplateSpec:
+    if template not in SPECS:
+        raise DataError(f"unknown template {template!r} (known: {', '.join(TEMPLATES)})")
+    return SPECS[template]
+
+
+def template_name(template: str, assistant_style: bool = False) -> str:
+    """data.template + data.sft_assistant_style -> one template name (`sft` + style = `sft_assistant`)."""
+    spec(template)
+    if assistant_style:
+        if template not in ("sft", "sft_assistant"):
+            raise DataError(f"data.sft_assistant_style: applies to template sft only, not {template!r}")
+        return "sft_assistant"
+    return template
 
 
 def language_name(code: str) -> str:
@@ -102,43 +134,32 @@ class Rendered:
         return self.prompt + COMPLETION_SEPARATOR + self.completion
 
 
-def render(template: str, record: dict, assistant_style: bool = False) -> Rendered:
-    """The prompt and completion strings of one record (fields as RecordReader returns them)."""
-    if template == "sft":
-        fmt = SFT_ASSISTANT_PROMPT if assistant_style else SFT_PROMPT
-        prompt = fmt.format_map({"instruction": record["instruction"], "output_lang": language_name(record["lang"])})
-        return Rendered(prompt, record["output"])
+def raw_text(record: dict, join: str = DEFAULT_JOIN) -> str:
+    """The raw template's text: `prompt` when non-empty, else `instruction` and `text` joined."""
+    if record.get("prompt"):
+        return record["prompt"]
+    return join.join(record[f] for f in ("instruction", "text") if record.get(f))
+
+
+def render_prompt(template: str, record: dict, join: str = DEFAULT_JOIN) -> str:
+    """The prompt string alone (generation and scoring): needs only the template's prompt fields."""
+    if template in ("sft", "sft_assistant"):
+        fmt = SFT_ASSISTANT_PROMPT if template == "sft_assistant" else SFT_PROMPT
+        return fmt.format_map({"instruction": record["instruction"], "output_lang": language_name(record["lang"])})
     if template == "revgen":
-        return Rendered(REVGEN_PROMPT.format_map({"instruction": record["output"]}), record["instruction"])
+        return REVGEN_PROMPT.format_map({"instruction": record.get("output") or record["text"]})
     if template == "evaluator":
-        prompt = EVALUATOR_PROMPT.format_map({"instruction": record["instruction"], "output": record["output"],
-                                              "output_lang": language_name(record["lang"])})
-        return Rendered(prompt, record["label"])
-    raise DataError(f"data.template: unknown template {template!r} (known: {', '.join(TEMPLATES)})")
+        return EVALUATOR_PROMPT.format_map({"instruction": record["instruction"], "output": record["output"],
+                                            "output_lang": language_name(record["lang"])})
+    if template == "raw":
+        return raw_text(record, join)
+    spec(template)  # raises: unknown
+    raise AssertionError(template)
 
 
-def render_prompt(template: str, record: dict, assistant_style: bool = False) -> str:
-    """The prompt alone (generation and scoring): the record needs only the prompt's fields."""
-    filled = dict(record)
-    filled.setdefault("label", "")
-    filled.setdefault("instruction", "")
-    return render(template, filled, assistant_style).prompt
-
-
-@dataclass
-class TokenizedExample:
-    tokens: list[int]
-    loss_mask: list[int]
-    prompt_len: int  # tokens before the completion (prefix + prompt)
-
-
-def tokenize_example(tokenizer, rendered: Rendered, eos_id: Optional[int] = None) -> TokenizedExample:
-    """prefix_ids + prompt + completion + EOS, loss on the completion and EOS (module docstring)."""
-    eos = tokenizer.eos_id if eos_id is None else eos_id
-    if eos is None:
-        raise DataError(f"tokenizer {tokenizer.path}: no EOS token; templates end every example with one")
-    tokenizer.check_continuation()
-    prompt = list(tokenizer.prefix_ids) + tokenizer.encode(rendered.prompt, add_special_tokens=False)
-    completion = tokenizer.encode_continuation(COMPLETION_SEPARATOR + rendered.completion) + [eos]
-    return TokenizedExample(tokens=prompt + completion, loss_mask=[0] * len(prompt) + [1] * len(completion),
-                            prompt_len=len(prompt))
+def render(template: str, record: dict, join: str = DEFAULT_JOIN) -> Rendered:
+    """The prompt and completion strings of one training record (fields as RecordReader returns
+    them). `raw` has no completion string: its text is the prompt, and the loss covers it all."""
+    prompt = render_prompt(template, record, join)
+    completion = {"sft": "output", "sft_assistant": "output", "revgen": "instruction", "evaluator": "label"}.get(template)
+    return Rendered(prompt, record[completion] if completion else "")

@@ -1,6 +1,8 @@
-"""Tokenizers behind one interface: SentencePiece `.model` files and Hugging Face `tokenizer.json`.
+"""Tokenizers behind one interface: SentencePiece `.model` files, Hugging Face `tokenizer.json`,
+and `bytes` (UTF-8 bytes, no files: the offline demos and tests). The one tokenizer stack of the
+project: prepare, train_tokenizer and the generate job all load tokenizers here.
 
-    tok = load_tokenizer(path)       # a .model, a tokenizer.json, or a directory holding one
+    tok = load_tokenizer(path)       # a .model, a tokenizer.json, a directory holding one, or "bytes"
     tok.encode(text)                 # what transformers' `tokenizer(text)["input_ids"]` gives
     tok.encode(text, add_special_tokens=False)
     tok.encode_continuation(text)    # text that continues a previous encode (no prefix space)
@@ -15,8 +17,8 @@ add_eos_token when a tokenizer.json exists); for a SentencePiece `.model` the `a
 bare `.model` gets no BOS, as in transformers 5 (our `train_tokenizer` writes a post-processor
 that adds BOS and `add_bos_token: true`). Token names (bos_token, eos_token, pad_token) come from
 tokenizer_config.json / special_tokens_map.json; a tokenizer.json without either file has its
-usual names looked up (<s>, </s>, <|endoftext|>, ...). Templates
-(`xinst_jax.data.templates`) build `prefix_ids + prompt + completion + [eos_id]`.
+usual names looked up (<s>, </s>, <|endoftext|>, ...). Tasks (`xinst_jax.tasks`) build
+`prefix_ids + prompt + completion + [eos_id]`.
 
 Literal special-token strings inside a text (a record containing "</s>") are encoded as plain
 text, never as control ids, for both kinds: transformers with `split_special_tokens=True`.
@@ -35,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 from xinst_jax.data.records import DataError, is_remote, open_binary
 
+BYTES = "bytes"  # load_tokenizer's name for ByteTokenizer
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -114,6 +117,34 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes shifted by 3: ids 0, 1, 2 are pad, bos, eos; byte b is id b + 3 (vocab 259).
+    encode() adds BOS in front, as a Llama tokenizer does."""
+
+    kind = "bytes"
+    path = BYTES
+    offset = 3
+    vocab_size = 256 + offset
+    pad_token_id, bos_id, eos_id = 0, 1, 2
+    prefix_ids = (1,)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self._encode_plain(text)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+    def sha256(self) -> str:
+        return hashlib.sha256(b"xinst_jax bytes tokenizer: utf-8 + 3").hexdigest()
 
 
 # --------------------------------------------------------------------------- SentencePiece
@@ -328,7 +359,10 @@ def resolve_tokenizer_file(path: str, key: str = "data.tokenizer") -> str:
 
 
 def load_tokenizer(path: str, key: str = "data.tokenizer") -> Tokenizer:
-    """A SentencePiece .model, a tokenizer.json, or a directory holding one (tokenizer.json first)."""
+    """A SentencePiece .model, a tokenizer.json, a directory holding one (tokenizer.json first),
+    or "bytes" (ByteTokenizer). `key` names the config key in errors."""
+    if path == BYTES:
+        return ByteTokenizer()
     file = resolve_tokenizer_file(path, key)
     config = read_tokenizer_config(os.path.dirname(file.rstrip("/")) or ".")
     if file.endswith(".json"):

@@ -1,24 +1,33 @@
-"""Job `generate`: completions for a JSONL of prompts, sharded over processes, resumable.
+"""Job `generate`: completions for a file of records, sharded over processes, resumable.
 
     python launch/tpu_run.py --config generate_demo
     python launch/tpu_run.py --config generate_demo --set generate.input=my.jsonl --set generate.output=out/
 
-Input (`generate.input`): JSONL, one JSON object per line:
+Prompts: `generate.template` names the Task (xinst_jax/tasks.py) that turns a record into prompt
+tokens, the same Task `prepare` uses for training data: a model is prompted exactly as it was
+trained (template string, tokenizer, BOS as the tokenizer adds it). Set it to the template the
+model was trained with. The default, `raw`, is a plain completion job:
 
     {"id": "doc-17", "prompt": "Write a question whose answer is ..."}
     {"id": 18, "instruction": "Summarise the text.", "text": "..."}     # joined by generate.join
     {"id": 19, "text": "..."}                                            # text alone is the prompt
 
-`id` (string or integer) is required and copied to the output; `prompt`, else `instruction`
-and/or `text`, must be non-empty strings. Other fields are ignored. Lines that are not valid JSON
-objects of that shape are skipped, and reported as `file:line: reason` (stdout and report.json);
-blank lines are ignored.
+Other templates read their prompt fields: `sft` / `sft_assistant` an English `instruction` and a
+`lang`; `revgen` the target-language `output` (or a document's `text`); `evaluator` `instruction`,
+`output` and `lang`. `lang` may come from `generate.lang`; templates that name the language
+check it against `data.languages`.
+
+Input (`generate.input`): one JSONL (.jsonl.gz) or Parquet file, read by the records reader of
+`prepare` (xinst_jax/data/records.py): `id` (string or integer) is required and copied to the
+output; other fields ride along unused. Bad lines are skipped and counted by reason (report.json
+`skipped`), and listed as `file:line: field: reason` (stdout and report.json `bad`); blank lines
+are ignored. `generate.strict` makes the first bad line an error naming file, line and field.
 
 Output (`generate.output`, default <run_dir>/generate):
 
     part-00000.jsonl, part-00000.done, ...   one shard per `shard_size` valid records, in input order
     output.jsonl                             all shards merged, in input order (written when all are done)
-    manifest.json                            what the shards were made from (input, settings, model)
+    manifest.json                            what the shards were made from (input, template, settings, model)
     report.json                              counts, bad lines, timing
 
 Each output line: {"id", "line" (1-based input line), "output" (text), "finish_reason"
@@ -28,7 +37,9 @@ Each output line: {"id", "line" (1-based input line), "output" (text), "finish_r
 Processes: every process reads the whole input (so all agree on shard boundaries) and takes the
 shards `generate.split` gives it (a contiguous range, or i::n); shard names depend only on the
 input and shard_size, not on the process count. Each process runs its own engine on its local
-devices (mesh over them: data parallel over rows, tensor parallel by the rules).
+devices (mesh over them: data parallel over rows, tensor parallel by the rules). The input is
+read twice: once to count the records (shard boundaries), once to generate shard by shard, so
+memory holds one shard's records, not the file.
 
 Resume: a shard is written to a temporary file, renamed, then its `.done` marker is written; a
 rerun (after a crash, a `kill -9`, a preemption) skips shards with a marker and redoes the rest.
@@ -49,89 +60,82 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from xinst_jax.config import CONFIG_DIR, Config, ConfigError, ModelConfig
+from xinst_jax.config import CONFIG_DIR, Config, ConfigError, DataInputConfig, ModelConfig
+from xinst_jax.data.records import Located, RecordReader
 from xinst_jax.jobs import register_job
+from xinst_jax.tasks import Task
 
 log = logging.getLogger(__name__)
 
 DEMO_PROMPTS = CONFIG_DIR / "data" / "generate_demo_prompts.jsonl"
-MAX_LISTED_BAD = 20
+MAX_LISTED_BAD = 20  # bad lines printed; report.json keeps up to MAX_KEPT_BAD
+MAX_KEPT_BAD = 10000
+NO_CHAR_LIMIT = sys.maxsize  # long prompts are not skipped: the engine keeps their end ("truncated")
 
 
 # --------------------------------------------------------------------------- input
 
 
-@dataclasses.dataclass(frozen=True)
-class InputRecord:
-    line: int  # 1-based line number in the input file
-    offset: int  # byte offset of the line
-    length: int  # bytes (without the newline)
+def input_reader(cfg: Config, task: Task, keep_bad: int = MAX_KEPT_BAD) -> RecordReader:
+    """The records reader with the task's prompt fields: ids required, `lang` only where the
+    template names the language. Bad lines are listed by the job, so the reader logs none."""
+    fields = task.reader_fields(training=False)
+    return RecordReader(cfg.data.languages, NO_CHAR_LIMIT, cfg.generate.strict, required=fields["required"],
+                        any_of=fields["any_of"], require_id=True, require_lang=task.spec.needs_lang,
+                        keep_bad=keep_bad, log_first=0, strict_key="generate.strict")
+
+
+def read_input(cfg: Config, task: Task, path: Path, keep_bad: int = MAX_KEPT_BAD) -> tuple[RecordReader,
+                                                                                          Iterator[Located]]:
+    reader = input_reader(cfg, task, keep_bad)
+    inp = DataInputConfig(path=str(path), lang=cfg.generate.lang)
+    return reader, reader.read_located([inp], key="generate.input")
 
 
 @dataclasses.dataclass
 class InputScan:
     path: Path
-    records: list[InputRecord]
-    bad: list[str]  # "file:line: reason"
-    fingerprint: str  # of the file's bytes
+    records: int  # valid records
+    bad: list[str]  # "file:line: field: reason (detail)", the first MAX_KEPT_BAD
+    totals: dict  # the reader's counts: in, kept, skipped {reason: n}, skipped_total, blank_lines
+    fingerprint: str  # sha256 of the file's bytes
 
 
-def parse_record(raw: bytes, join: str) -> tuple[Any, str]:
-    """One input line -> (id, prompt text); ValueError with a one-line reason when unusable."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "id" not in obj:
-        raise ValueError("missing field 'id'")
-    rid = obj["id"]
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        raise ValueError(f"field 'id' must be a string or an integer, got {type(rid).__name__}")
-    fields = {}
-    for name in ("prompt", "instruction", "text"):
-        if name in obj and obj[name] is not None:
-            if not isinstance(obj[name], str):
-                raise ValueError(f"field '{name}' must be a string, got {type(obj[name]).__name__}")
-            fields[name] = obj[name]
-    if fields.get("prompt"):
-        return rid, fields["prompt"]
-    parts = [fields[n] for n in ("instruction", "text") if fields.get(n)]
-    if not parts:
-        raise ValueError("missing field: needs a non-empty 'prompt', or 'instruction' and/or 'text'")
-    return rid, join.join(parts)
-
-
-def scan_input(path: Path, join: str) -> InputScan:
-    records: list[InputRecord] = []
-    bad: list[str] = []
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    offset = 0
     with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            digest.update(line)
-            body = line.rstrip(b"\r\n")
-            if body.strip():
-                try:
-                    parse_record(body, join)
-                    records.append(InputRecord(number, offset, len(body)))
-                except ValueError as e:
-                    bad.append(f"{path.name}:{number}: {e}")
-            offset += len(line)
-    return InputScan(path, records, bad, digest.hexdigest())
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def read_records(path: Path, records: list[InputRecord], join: str) -> Iterator[tuple[InputRecord, Any, str]]:
-    with open(path, "rb") as f:
-        for rec in records:
-            f.seek(rec.offset)
-            rid, prompt = parse_record(f.read(rec.length), join)
-            yield rec, rid, prompt
+def scan_input(cfg: Config, task: Task, path: Path) -> InputScan:
+    """Pass 1: count the valid records (shard boundaries) and collect the bad lines."""
+    reader, records = read_input(cfg, task, path)
+    count = sum(1 for _ in records)
+    return InputScan(path, count, list(reader.bad), reader.totals(), file_sha256(path))
+
+
+def shard_records(cfg: Config, task: Task, path: Path, ranges: list[tuple[int, int]],
+                  wanted: list[int]) -> Iterator[tuple[int, list[Located]]]:
+    """Pass 2: (shard, its records) for the wanted shards, in input order; stops after the last."""
+    if not wanted:
+        return
+    _, records = read_input(cfg, task, path, keep_bad=0)
+    wanted_set, last = set(wanted), max(wanted)
+    k, batch = 0, []
+    for i, loc in enumerate(records):
+        while i >= ranges[k][1]:
+            k += 1
+        if k in wanted_set:
+            batch.append(loc)
+            if i + 1 == ranges[k][1]:
+                yield k, batch
+                batch = []
+                if k == last:
+                    return
+    raise ConfigError(f"generate.input: {path} changed while the job ran (shard {k} is incomplete on the second "
+                      "read); rerun")
 
 
 # --------------------------------------------------------------------------- shards
@@ -257,11 +261,11 @@ def sampling_settings(cfg: Config, model: ModelConfig, tokenizer) -> "Any":
 
     gen = cfg.generate
     stop_ids = list(gen.stop_token_ids)
-    if gen.stop_on_eos:
-        stop_ids.append(model.eos_token_id)
+    if gen.stop_on_eos:  # the model's EOS, and the tokenizer's (the one prepare ends examples with)
+        stop_ids += [i for i in (model.eos_token_id, tokenizer.eos_id) if i is not None]
     stop_seqs = []
     for s in gen.stop_strings:
-        ids = tokenizer.encode(s)
+        ids = tokenizer.encode(s, add_special_tokens=False)
         if not ids:
             raise ConfigError(f"generate.stop_strings: {s!r} encodes to no tokens")
         stop_seqs.append(tuple(ids))
@@ -298,6 +302,8 @@ def _validate(cfg: Config) -> Path:
     path = Path(gen.input) if gen.input else DEMO_PROMPTS
     if not path.is_file():
         raise ConfigError(f"generate.input: {path} not found")
+    if not path.name.endswith((".jsonl", ".jsonl.gz", ".parquet")):
+        raise ConfigError(f"generate.input: {path}: expected a .jsonl, .jsonl.gz or .parquet file")
     return path
 
 
@@ -305,31 +311,32 @@ def run_generate(cfg: Config) -> dict:
     """The job body; returns the report (also written to <output>/report.json by process 0)."""
     import jax
 
+    from xinst_jax.data.tokenizer import load_tokenizer
     from xinst_jax.infer.generate import Engine
-    from xinst_jax.infer.tokenizer import load_tokenizer
     from xinst_jax.runtime import setup_runtime
     from xinst_jax.sharding import make_mesh, parse_rules
 
     gen = cfg.generate
     input_path = _validate(cfg)
-    tokenizer = load_tokenizer(gen.tokenizer)
+    tokenizer = load_tokenizer(gen.tokenizer, key="generate.tokenizer")
+    task = Task.from_generate_config(gen, tokenizer)
     setup_runtime(cfg.distributed)
     process, count = jax.process_index(), jax.process_count()
     out = Path(gen.output) if gen.output else cfg.resolved_run_dir() / "generate"
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    scan = scan_input(input_path, gen.join)
-    ranges = shard_ranges(len(scan.records), gen.shard_size)
+    scan = scan_input(cfg, task, input_path)
+    ranges = shard_ranges(scan.records, gen.shard_size)
     model, params, source = load_model(cfg)
     if getattr(tokenizer, "vocab_size", 0) > model.vocab_size:
         raise ConfigError(f"generate.tokenizer: {gen.tokenizer} has {tokenizer.vocab_size} tokens but the model's "
                           f"vocabulary is {model.vocab_size}")
     settings = sampling_settings(cfg, model, tokenizer)
     manifest = {
-        "input": str(input_path.resolve()), "input_sha256": scan.fingerprint, "records": len(scan.records),
+        "input": str(input_path.resolve()), "input_sha256": scan.fingerprint, "records": scan.records,
         "shard_size": gen.shard_size, "model_source": source, "model": dataclasses.asdict(model),
-        "tokenizer": gen.tokenizer,
+        "tokenizer": gen.tokenizer, "tokenizer_sha256": tokenizer.sha256(), "template": task.describe(),
         "settings": {k: v for k, v in dataclasses.asdict(gen).items()
                      if k not in ("input", "output", "progress", "split", "checkpoint", "hf_dir")},
     }
@@ -338,12 +345,15 @@ def run_generate(cfg: Config) -> dict:
     mine = shards_for_process(len(ranges), process, count, gen.split)
     todo = [k for k in mine if not shard_is_done(out, k, ranges[k][1] - ranges[k][0])]
     reused = len(mine) - len(todo)
-    if process == 0 and scan.bad:
-        print(f"generate: skipped {len(scan.bad)} bad input line(s):", flush=True)
+    n_bad = scan.totals["skipped_total"]
+    if process == 0 and n_bad:
+        reasons = ", ".join(f"{k} {v}" for k, v in scan.totals["skipped"].items())
+        print(f"generate: skipped {n_bad} bad input line(s) ({reasons}):", flush=True)
         for line in scan.bad[:MAX_LISTED_BAD]:
             print(f"  {line}", flush=True)
-        if len(scan.bad) > MAX_LISTED_BAD:
-            print(f"  ... and {len(scan.bad) - MAX_LISTED_BAD} more (all in {out / 'report.json'})", flush=True)
+        if n_bad > MAX_LISTED_BAD:
+            print(f"  ... and {n_bad - MAX_LISTED_BAD} more (the first {MAX_KEPT_BAD} in {out / 'report.json'})",
+                  flush=True)
 
     new_tokens = truncated = 0
     gen_seconds = 0.0
@@ -353,32 +363,26 @@ def run_generate(cfg: Config) -> dict:
         try:
             engine = Engine(params, model, mesh=mesh, rules=rules, batch_size=gen.batch_size,
                             buckets=gen.prompt_buckets, kv_dtype=gen.kv_dtype or None,
-                            weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments,
-                            attention_kernel=gen.attention_kernel)
+                            weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments)
         except ValueError as e:
             raise ConfigError(f"generate: {e}") from None
         del params
         bar = _progress(gen.progress, sum(b - a for a, b in (ranges[k] for k in mine)),
                         sum(ranges[k][1] - ranges[k][0] for k in mine if k not in todo))
         t0 = time.perf_counter()
-        for k in todo:
+        for k, recs in shard_records(cfg, task, input_path, ranges, todo):
             a, b = ranges[k]
-            recs, ids, prompts = [], [], []
-            for rec, rid, text in read_records(input_path, scan.records[a:b], gen.join):
-                tokens = tokenizer.encode(text)
-                if gen.add_bos:
-                    tokens = [model.bos_token_id] + tokens
-                recs.append(rec)
-                ids.append(rid)
-                prompts.append(tokens or [model.bos_token_id])
-            result = engine.generate(prompts, settings, row_ids=[r.line for r in recs])
+            # the Task's prompt: token for token the prompt part prepare writes for this record
+            # (an empty one, possible only without BOS, gets the model's BOS: the engine needs a token)
+            prompts = [task.prompt_tokens(loc.record) or [model.bos_token_id] for loc in recs]
+            result = engine.generate(prompts, settings, row_ids=[loc.line for loc in recs])
             lines = []
-            for rec, rid, toks, finish, plen, trunc in zip(recs, ids, result.tokens, result.finish_reasons,
-                                                           result.prompt_lengths, result.truncated):
+            for loc, toks, finish, plen, trunc in zip(recs, result.tokens, result.finish_reasons,
+                                                      result.prompt_lengths, result.truncated):
                 text, finish = output_text(tokenizer, toks, finish, settings, gen.stop_strings)
-                lines.append(json.dumps({"id": rid, "line": rec.line, "output": text, "finish_reason": finish,
-                                         "prompt_tokens": plen, "output_tokens": len(toks), "truncated": trunc},
-                                        ensure_ascii=False))
+                lines.append(json.dumps({"id": loc.source_id, "line": loc.line, "output": text,
+                                         "finish_reason": finish, "prompt_tokens": plen, "output_tokens": len(toks),
+                                         "truncated": trunc}, ensure_ascii=False))
                 new_tokens += len(toks)
                 truncated += int(trunc)
             write_shard(out, k, lines)
@@ -391,8 +395,9 @@ def run_generate(cfg: Config) -> dict:
 
         multihost_utils.sync_global_devices("xinst_jax.generate.done")
     report = {
-        "input": str(input_path), "output": str(out), "records": len(scan.records), "bad_lines": len(scan.bad),
-        "bad": scan.bad, "shards": len(ranges), "process": process, "process_count": count,
+        "input": str(input_path), "output": str(out), "records": scan.records, "bad_lines": n_bad,
+        "skipped": scan.totals["skipped"], "blank_lines": scan.totals["blank_lines"], "bad": scan.bad,
+        "template": task.name, "shards": len(ranges), "process": process, "process_count": count,
         "shards_this_process": len(mine), "shards_reused": reused, "shards_generated": len(todo),
         "new_tokens": new_tokens, "truncated_prompts": truncated, "model": source,
         "generate_seconds": round(gen_seconds, 3), "seconds": round(time.perf_counter() - start, 3),
@@ -409,9 +414,9 @@ def run_generate(cfg: Config) -> dict:
             report["merged"] = str(merged)
         _write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8"))
         rate = f", {report['tokens_per_s']} tok/s" if report["tokens_per_s"] else ""
-        print(f"generate: {out / 'output.jsonl'}: {len(scan.records)} records in {len(ranges)} shard(s) "
+        print(f"generate: {out / 'output.jsonl'}: {scan.records} records in {len(ranges)} shard(s) "
               f"({len(todo)} generated, {reused} reused); {new_tokens} new tokens{rate}; "
-              f"{len(scan.bad)} bad line(s) skipped; model: {source}", flush=True)
+              f"{n_bad} bad line(s) skipped; template {task.name}; model: {source}", flush=True)
     return report
 
 
