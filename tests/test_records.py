@@ -154,6 +154,41 @@ def test_any_of_text_fields(tmp_path):
     assert r.stats[0].skipped == {"missing_field:text|instruction|output": 2}
 
 
+def test_located_records_and_kept_bad_lines(tmp_path):
+    """read_located: each record with its file:line and the id as the row held it; the first
+    keep_bad bad lines are kept as report lines, across sources."""
+    path = mixed_file(tmp_path)
+    second = write_jsonl(tmp_path / "second.jsonl", ["{oops", GOOD[0]])
+    r = reader(keep_bad=3)
+    located = list(r.read_located([DataInputConfig(path=str(path)), DataInputConfig(path=str(second))]))
+    assert [(x.source, x.line, x.source_id) for x in located] == [
+        (str(path), 1, "a"), (str(path), len(BAD) + 3, 7), (str(path), len(BAD) + 4, f"{path.name}:{len(BAD) + 4}"),
+        (str(second), 2, "a")]
+    assert located[1].record["id"] == "7" and located[1].where == f"{path}:{len(BAD) + 3}"
+    assert r.bad == [f"{path}:3: -: malformed_json (Expecting value at column 46)",
+                     f"{path}:4: -: invalid_utf8 (byte 46)", f"{path}:5: -: not_object (list)"]
+    assert r.totals()["skipped_total"] == len(BAD) + 1  # counted in full, kept only in part
+    with pytest.raises(DataError, match=r"^.*second.jsonl:1: -: malformed_json .*\[generate.strict is true\]$"):
+        list(reader(strict=True, strict_key="generate.strict").read([DataInputConfig(path=str(second))]))
+
+
+def test_ids_and_langs_the_caller_requires(tmp_path):
+    rows = [{"id": 5, "prompt": "p"}, {"prompt": "no id"}, {"id": "x", "prompt": "p", "lang": "XX"},
+            {"id": "y", "prompt": "z" * 51}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    # generation prompts: ids required, no language needed (kept as given, "" when absent)
+    r = reader(required=(), any_of=("prompt",), require_id=True, require_lang=False)
+    got = list(r.read_located([DataInputConfig(path=str(path))]))
+    assert [(x.source_id, x.record["lang"], x.record["prompt"]) for x in got] == [(5, "", "p"), ("x", "xx", "p")]
+    assert r.stats[0].skipped == {"missing_field:id": 1, "too_long:prompt": 1}  # max_chars applies to prompts
+    # prepare: ids default to file:line, lang required
+    r = reader(required=(), any_of=("prompt",))
+    assert list(r.read([DataInputConfig(path=str(path))])) == []
+    assert r.stats[0].skipped == {"missing_field:lang": 3, "unknown_lang:lang": 1}
+    with pytest.raises(ValueError, match="unknown record fields"):
+        reader(required=("answer",))
+
+
 def test_glob_directory_sorted_and_no_match(tmp_path):
     (tmp_path / "d").mkdir()
     write_jsonl(tmp_path / "d" / "b.jsonl", [GOOD[1]])
