@@ -44,7 +44,7 @@ def base_model(tmp_path_factory):
     run_train_tokenizer(cfg)
     tokenizer = load_tokenizer(str(root / "hf"))
     model_cfg = load_config("sft_xinst", ["model.preset=tiny", f"model.vocab_size={tokenizer.vocab_size}",
-                                          "model.dtype=float32"]).model
+                                          "model.dtype=float32", "train.seq_len=128"]).model
     params = init_params(model_cfg, jax.random.key(7))
     export_hf(params, model_cfg, root / "hf", dtype="float32")
     return root, pairs, tokenizer, params
