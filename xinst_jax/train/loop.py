@@ -54,7 +54,7 @@ class TrainResult:
 class StepInfo:
     step: int  # optimizer steps done
     metrics: dict[str, float]  # this step's values, on the host
-    state: dict | None  # the train state after `step`; None unless a hook added with needs_state is due
+    state: dict | None  # the train state after `step`; None when the hooks run a step late
     last: bool = False  # the run's last step: its end, or the step at which a stop was requested
 
 
@@ -97,16 +97,16 @@ class Trainer:
         self.stop_requested = True
 
     def run(self) -> dict:
-        pending = None  # (step, device metrics) whose hooks have not run
-        for step in range(self.start_step, self.end_step):
+        late = None  # (step, device metrics) whose hooks wait until the next step is dispatched
+        for step in range(self.start_step + 1, self.end_step + 1):
             self.state, metrics = self.step_fn(self.state, self.next_batch())
-            self.step = step + 1
-            if pending is not None:
-                self._run_hooks(*pending)
-            pending = (step + 1, metrics)
-            if self.stop_requested or step + 1 == self.end_step or self._needs_state(step + 1):
-                self._run_hooks(*pending, state=self.state)
-                pending = None
+            self.step = step
+            if late is not None:
+                self._run_hooks(*late)  # the previous step's, while this one computes
+            late = (step, metrics)
+            if self.stop_requested or step == self.end_step or self._needs_state(step):
+                self._run_hooks(*late, state=self.state)  # before the next step takes the state
+                late = None
             if self.stop_requested:
                 break
         return self.state
