@@ -2,6 +2,7 @@
 TensorFlow's own event reader."""
 
 import json
+import sys
 
 import pytest
 
@@ -41,3 +42,14 @@ def test_resumed_run_appends_a_new_event_file(tmp_path):
     steps = sorted(e.step for f in (tmp_path / "tensorboard").glob("events.out.tfevents.*")
                    for e in tf.compat.v1.train.summary_iterator(str(f)) if e.summary.value)
     assert steps == [1, 2]
+
+
+def test_without_tensorboardx_metrics_still_log(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
+    with caplog.at_level("WARNING"):
+        logger = MetricsLogger(tmp_path, total_steps=1, start_step=0)
+    logger.log(1, {"loss": 3.0})
+    logger.close()
+    assert "tensorboardX is not installed" in caplog.text
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 3.0
+    assert not (tmp_path / "tensorboard").exists()
