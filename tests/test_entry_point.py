@@ -69,6 +69,14 @@ def test_wrong_type_via_set(tmp_path):
     assert_one_line_error(proc, "export.max_shard_bytes", "int", "--set")
 
 
+def test_rows_longer_than_the_model_and_unknown_preset(tmp_path):
+    proc = run("--config", "tiny_synthetic", "--set", "train.seq_len=1024", cwd=tmp_path)
+    assert_one_line_error(proc, "--set", "train.seq_len=1024", "model.max_seq_len=512", "models/tiny.yaml")
+    proc = run("--config", "tiny_synthetic", "--set", "model.preset=llama9", cwd=tmp_path)
+    assert_one_line_error(proc, "model.preset", "llama9", "known: llama2_13b, llama2_7b, llama3_8b")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_key_in_file_names_file(tmp_path):
     cfg = tmp_path / "mine.yaml"
     cfg.write_text(f"base: {REPO / 'configs' / 'export_hf.yaml'}\nexport:\n  shard_size: 3\n")
