@@ -3,8 +3,6 @@ and the one name list shared with the config. Tokens and loss weights: test_task
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from data_helpers import LANGS
