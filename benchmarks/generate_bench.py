@@ -15,18 +15,16 @@ Prompts are left-padded to the next multiple of 16 (the engine's bucket; HF pads
 prompt). Both sides run at both precisions, and the ratios that count are same precision:
 - float32: our float32 weights + KV cache vs transformers' float32 model (the same numbers; the
   greedy tokens must agree, and do);
-- bfloat16: our bfloat16 weights + KV cache (matmuls take bf16 inputs and accumulate in f32) vs
+- bfloat16: our bfloat16 weights, compute and KV cache (`weight_dtype=bfloat16`) vs
   transformers' bfloat16 model, which is what transformers 5 runs by default for this checkpoint
   (`from_pretrained` takes the dtype named in its config.json, bfloat16 for SmolLM2).
 transformers runs in its own process (two thread pools in one process fight over the cores) and
 gets its best thread count: before every timed run a short probe at 1 thread and at all cores
 picks one (on busy cores OpenMP's spin-waiting threads can crawl).
 
-The "where the time goes" section times one decode step's pieces (all layers, the lm_head, the
-attention over the cache, the weight matmuls alone) and relates the step time to the bytes a step
-must read (weights + KV cache): batch-8 decoding is memory-bound, so bytes/step is what a dtype
-change buys. For transformers it also times torch's F.linear over the same weights with nothing
-around it: the two kernel floors, next to the two step times.
+The last section relates each side's decode step time to the bytes a step must read (weights +
+KV cache): batch-8 decoding is memory-bound, so bytes/step is what a dtype change buys. For
+transformers it also times torch's F.linear over the same weights with nothing around it.
 """
 
 from __future__ import annotations
@@ -77,10 +75,8 @@ if ARGS.xla_flags is not None:
     os.environ["XLA_FLAGS"] = ARGS.xla_flags
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from xinst_jax.convert.hf import import_hf  # noqa: E402
-from xinst_jax.infer import decode_model as dm  # noqa: E402
 from xinst_jax.infer.generate import Engine  # noqa: E402
 from xinst_jax.infer.sampling import SamplingSettings  # noqa: E402
 from machine import cpu_flags, cpu_model  # noqa: E402  (benchmarks/machine.py)
@@ -131,7 +127,7 @@ class Ours:
         self.settings = SamplingSettings(max_new_tokens=n_new, temperature=0.0, no_repeat_ngram=0,
                                          stop_token_ids=(cfg.eos_token_id,), min_new_tokens=n_new,
                                          pad_id=cfg.eos_token_id)
-        self.weight_bytes = dm.param_bytes(self.engine.params)
+        self.weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.engine.params))
         self.runs: list[dict] = []
 
     def run(self, prompts) -> tuple[dict, list[list[int]]]:
@@ -299,79 +295,6 @@ def matched_prefix(a: list[int], b: list[int]) -> int:
 # --------------------------------------------------------------------------- breakdown
 
 
-def breakdown(engine: Engine, cfg, batch: int, slots: int, repeats: int = 5) -> list[tuple[str, float]]:
-    """Min wall ms of one decode step and its pieces, on the engine's prepared params."""
-    prep = engine.params
-    kv = engine.kv_dtype
-    cache = dm.init_decode_cache(cfg, batch, slots, kv)
-    tok = jnp.ones((batch, 1), jnp.int32)
-    slot = jnp.int32(slots - 1)  # the last step of the cache: every slot attended
-    pos = jnp.full((batch, 1), slots - 1, jnp.int32)
-    first = jnp.zeros((batch,), jnp.int32)
-    h = jnp.ones((batch, 1, cfg.embed_dim), jnp.float32)
-    q = jnp.ones((batch, 1, cfg.num_heads, cfg.head_dim), jnp.float32)
-    native = engine.native_attention
-    span = dm.SlotSpan(first, slot, native)
-
-    def layers_only(prep, cache, h):
-        cos, sin = jnp.ones((batch, 1, cfg.head_dim // 2)), jnp.zeros((batch, 1, cfg.head_dim // 2))
-        ks, vs = [], []
-        for i, lp in enumerate(prep["layers"]):
-            h, k, v = dm._layer(h, lp, cos, sin, span, cfg, cache["k"][i], cache["v"][i], slot)
-            ks.append(k)
-            vs.append(v)
-        return h, {"k": ks, "v": vs}
-
-    def attention_chain(q, cache, native):
-        """Each layer's attention over its cache, one after another as in the step (independent
-        calls would run two at a time on the two cores). The caches are hot here, cold in a step."""
-        for k, v in zip(cache["k"], cache["v"]):
-            q = q + 1e-3 * dm._attention(q, k, v, span._replace(native=native))
-        return q
-
-    def matmuls_only(prep, h):
-        """The step's weight matmuls alone, chained as in the layers (no norms, RoPE, attention or
-        cache): the floor that XLA:CPU's dot kernels set for this step."""
-        g = cfg.num_heads // cfg.num_kv_heads
-        for lp in prep["layers"]:
-            qkv = dm._matmul(lp["attn"]["wqkv"], h)
-            h = h + dm._matmul(lp["attn"]["wo"], qkv[:, :, :, :g].reshape(batch, 1, cfg.num_heads, -1), contract=2)
-            gate_up = dm._matmul(lp["mlp"]["w_gate_up"], h)
-            h = h + dm._matmul(lp["mlp"]["w_down"], gate_up[..., 0] * gate_up[..., 1])
-        w = prep["embed"]["embedding"] if cfg.tie_embeddings else prep["lm_head"]["lm_head"]
-        return dm._matmul(w, h)
-
-    # (fn, args, index of a cache argument that fn returns second and that is donated: updated in
-    # place as in the decode loop, not copied whole per call)
-    pieces = {
-        "decode step (all)": (jax.jit(lambda p, c: dm.decode_step(p, tok, pos, first, c, slot, cfg, native),
-                                      donate_argnums=1), [prep, cache], 1),
-        f"  {cfg.num_layers} layers (incl. cache attention)": (jax.jit(layers_only, donate_argnums=1),
-                                                               [prep, dm.init_decode_cache(cfg, batch, slots, kv), h], 1),
-        "  lm_head (final norm + logits)": (jax.jit(lambda p, h: dm.logits(p, h, cfg)), [prep, h], None),
-        f"  attention over {slots} slots x {cfg.num_layers}, {'native kernel' if native else 'XLA dots'}": (
-            jax.jit(lambda q, c: attention_chain(q, c, native)), [q, dm.init_decode_cache(cfg, batch, slots, kv)], None),
-        **({"    (the same with XLA's dots)": (
-            jax.jit(lambda q, c: attention_chain(q, c, False)), [q, dm.init_decode_cache(cfg, batch, slots, kv)], None)}
-           if native else {}),
-        "  weight matmuls alone, chained (layers + lm_head)": (jax.jit(matmuls_only), [prep, h], None),
-    }
-    out = []
-    for name, (fn, args, carried) in pieces.items():
-        ts = []
-        for i in range(repeats + 1):  # the first call compiles
-            with Measure() as m:
-                result = jax.block_until_ready(fn(*args))
-            if carried is not None:
-                args[carried] = result[1]
-            ts.append(m.wall if i else float("inf"))
-        out.append((name, 1e3 * min(ts)))
-    return out
-
-
-# --------------------------------------------------------------------------- main
-
-
 def main(args) -> None:
     if args.hf_worker:
         hf_worker()
@@ -416,8 +339,7 @@ def main(args) -> None:
         steady, _ = side.run(prompts)
         side.compile_s = max(first.wall - steady["wall"], 0.0)
         print(f"{side.name:36s} first call {first.wall:6.1f}s, steady {steady['wall']:6.1f}s -> compile ~"
-              f"{side.compile_s:.1f}s (prefill + decode loop, bucket {steady['bucket']}; decode attention: "
-              f"{'native CPU kernel' if side.engine.native_attention else 'XLA dots'})")
+              f"{side.compile_s:.1f}s (prefill + decode loop, bucket {steady['bucket']})")
         ours.append(side)
     # ---- timed, alternating
     print(f"\n== timed: {args.repeats} repeat(s), alternating ours / transformers (load avg {loadavg()}) ==")
@@ -454,17 +376,13 @@ def main(args) -> None:
         print(f"  {side.name:36s} {m}")
 
     if not args.no_breakdown:
-        print("\n== where the time goes: one decode step (min of 5, ms), and the bytes it must read ==")
+        print("\n== bytes a decode step must read (weights + KV cache at the last step) ==")
         slots = ours[0].runs[0]["bucket"] + n
-        for side in ours:
-            kv_bytes = 2 * cfg.num_layers * b * cfg.num_kv_heads * slots * cfg.head_dim * \
-                jnp.dtype(side.engine.kv_dtype or "float32").itemsize
-            rows = breakdown(side.engine, cfg, b, slots)
-            step = rows[0][1]
-            print(f"  {side.name}: weights {side.weight_bytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB "
-                  f"per step -> {(side.weight_bytes + kv_bytes) / step / 1e6:.2f} GB/s at {step:.1f} ms/step")
-            for name, ms in rows:
-                print(f"    {name:44s} {ms:8.1f}")
+        for o, side in zip(results, ours):
+            kv_bytes = 2 * cfg.num_layers * b * cfg.num_kv_heads * slots * cfg.head_dim * side.engine.kv_dtype.itemsize
+            print(f"  {side.name}: weights {side.weight_bytes / 1e6:.0f} MB + KV cache <= {kv_bytes / 1e6:.0f} MB "
+                  f"per step -> {(side.weight_bytes + kv_bytes) / o['step_ms'] / 1e6:.2f} GB/s at "
+                  f"{o['step_ms']:.1f} ms/step (decode average)")
         for h, side in zip(results[len(ours):], sides_hf):
             chain = worker.call(dict(cmd="chain", dtype=side.dtype, batch=b))["ms"]
             print(f"  {h['name']}: weights {h['weight_mb']:.0f} MB per step -> "

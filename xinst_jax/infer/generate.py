@@ -132,7 +132,7 @@ class Engine:
         self.batch_size = int(batch_size)
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         self.score_buckets = tuple(sorted(set(int(b) for b in (score_buckets or self.buckets))))
-        self.kv_dtype = DTYPES[kv_dtype or self.cfg.dtype]
+        self.kv_dtype = jnp.dtype(DTYPES[kv_dtype or self.cfg.dtype])
         self.max_segments, self.min_segment_steps = int(max_segments), int(min_segment_steps)
         self.score_logits_bytes = int(score_logits_bytes)
         self.trace_counts: Counter = Counter()

@@ -103,8 +103,11 @@ class LoRA(nnx.Module):
 
 
 def _projection(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
-    """`einsum(spec, x, module.<name>)` in x's dtype, plus the weight's LoRA adapter if it has one."""
-    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+    """`einsum(spec, x, module.<name>)` in x's dtype, plus the weight's LoRA adapter if it has one.
+    Accumulated in float32 whatever the inputs (bfloat16 matmuls then take the backends' fast
+    bf16-in, f32-accumulate kernels, e.g. the TPU MXU's; XLA:CPU widens the weight otherwise)."""
+    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype),
+                   preferred_element_type=jnp.float32).astype(x.dtype)
     adapter = getattr(module, name + LORA_SUFFIX, None)
     return y if adapter is None else y + adapter(x).astype(y.dtype)
 
@@ -255,10 +258,12 @@ class LlamaForCausalLM(nnx.Module):
         """Hidden states [B, T, embed] -> logits [B, T, vocab] float32 (final norm, then lm_head)."""
         h = self.final_norm(h)
         if self.lm_head is None:
-            logits = jnp.einsum("bte,ve->btv", h, self.embed.embedding[...].astype(h.dtype))
+            logits = jnp.einsum("bte,ve->btv", h, self.embed.embedding[...].astype(h.dtype),
+                                preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("bte,ev->btv", h, self.lm_head.kernel[...].astype(h.dtype))
-        return constrain(logits.astype(jnp.float32), BTV)
+            logits = jnp.einsum("bte,ev->btv", h, self.lm_head.kernel[...].astype(h.dtype),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits, BTV)
 
     def _run_layers(self, h, cos, sin, mask, kv, index):
         """All layers: a Python loop over the per-layer list, or (stacked) a scan or a loop over
