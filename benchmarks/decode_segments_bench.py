@@ -3,6 +3,7 @@
 
     python benchmarks/decode_segments_bench.py                              # 384 new tokens after 200-token prompts
     python benchmarks/decode_segments_bench.py --new-tokens 128 --prompt-len 72
+    python benchmarks/decode_segments_bench.py --layers 2 --batch 2 --new-tokens 70 --prompt-len 40 --repeats 1
 
 Attention reads every slot of the cache it is given. With one cache sized for the whole
 generation (`max_segments=1`, the baseline), every step reads the empty tail too. With segments,
@@ -29,11 +30,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from machine import machine_summary  # noqa: E402  (benchmarks/machine.py)
-from xinst_jax.config import ModelConfig  # noqa: E402
+from xinst_jax.config import model_preset  # noqa: E402
 from xinst_jax.infer.generate import Engine  # noqa: E402
 from xinst_jax.infer.sampling import SamplingSettings  # noqa: E402
 from xinst_jax.model.llama import init_params  # noqa: E402
-from xinst_jax.config import load_model_preset  # noqa: E402
 
 
 def main() -> None:
@@ -44,9 +44,10 @@ def main() -> None:
     p.add_argument("--segments", type=int, default=4, help="max_segments of the segmented engine")
     p.add_argument("--dtype", default="bfloat16", help="weights and KV cache")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=None, help="num_layers (default: the preset's 30; smoke runs)")
     args = p.parse_args()
 
-    cfg = ModelConfig(**load_model_preset("smollm2_135m"))
+    cfg = model_preset("smollm2_135m", **({} if args.layers is None else {"num_layers": args.layers}))
     params = init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, size=max(1, args.prompt_len - 5 * i)).tolist()
@@ -58,7 +59,8 @@ def main() -> None:
                          weight_dtype=args.dtype, kv_dtype=args.dtype, max_segments=k)
                for k in (1, args.segments)}
     print(f"machine: {machine_summary()}")
-    print(f"SmolLM2-135M shape, random {args.dtype} weights + KV cache | batch {args.batch}, prompts "
+    layers = "" if args.layers is None else f" ({cfg.num_layers} layers)"
+    print(f"SmolLM2-135M shape{layers}, random {args.dtype} weights + KV cache | batch {args.batch}, prompts "
           f"{min(len(x) for x in prompts)}-{max(len(x) for x in prompts)} tokens, {n} new tokens")
     reference = {k: e.generate(prompts, settings).tokens for k, e in engines.items()}  # compiles
     same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))

