@@ -23,8 +23,9 @@ import numpy as np
 from xinst_jax.infer.buckets import pick_bucket
 
 if TYPE_CHECKING:
-    from xinst_jax.model.llama import LlamaForCausalLM
     from xinst_jax.infer.generate import Engine
+    from xinst_jax.model.llama import LlamaForCausalLM
+    from xinst_jax.tasks import Task
 
 
 @dataclasses.dataclass
@@ -118,3 +119,10 @@ def score_batches(engine: "Engine", prompts: Sequence[Sequence[int]],
     counts = np.array([len(x) for x in token_logprobs], np.int64)
     return ScoreOutput(sum_logprob=sums, mean_logprob=sums / counts, num_tokens=counts, is_greedy=is_greedy,
                        token_logprobs=token_logprobs, truncated=truncated)
+
+
+def score_records(engine: "Engine", task: "Task", records: Sequence[dict]) -> ScoreOutput:
+    """Log-likelihood of each record's target (completion + EOS) given its prompt, both tokenised by
+    `task` exactly as `prepare` writes them: the quantity the training loss minimises."""
+    examples = [task.encode(record) for record in records]
+    return score_batches(engine, [e.prompt for e in examples], [e.target for e in examples])
