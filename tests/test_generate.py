@@ -4,7 +4,6 @@ sharded == single device (8 fake CPU devices), and scoring."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import jax
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xinst_jax.config import MeshConfig, ModelConfig, RopeScalingConfig
+from xinst_jax.config import MeshConfig, ModelConfig
 from xinst_jax.infer.buckets import pick_bucket
 from xinst_jax.infer.generate import Engine, decode_segments
 from xinst_jax.infer.sampling import (SamplingSettings, candidate_scores, choose_tokens, ngram_banned_mask,

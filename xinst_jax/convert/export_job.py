@@ -24,7 +24,6 @@ multi-host pod, export from a checkpoint on one host.
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
@@ -42,37 +41,10 @@ def _existing_dir(key: str, value: str) -> Path:
 
 def load_export_params(cfg: Config):
     """(model config, params, a short description of the source) for `cfg.export`."""
-    export = cfg.export
-    if export.checkpoint:
-        remote = "://" in export.checkpoint  # gs:// and the like: the checkpoint module checks those
-        path = export.checkpoint if remote else _existing_dir("export.checkpoint", export.checkpoint)
-        try:
-            from xinst_jax.checkpoint import load_params_for_export
-        except ModuleNotFoundError as e:
-            if e.name not in ("xinst_jax.checkpoint",):
-                raise
-            raise ConfigError("export.checkpoint: this install has no checkpoint support "
-                              "(module xinst_jax.checkpoint is missing)") from None
-        return cfg.model, load_params_for_export(str(path), cfg.model), f"checkpoint {path}"
-    if export.hf_source:
-        from xinst_jax.convert.hf import import_hf, model_for_hf_dir
+    from xinst_jax.convert.sources import load_params
 
-        path = _existing_dir("export.hf_source", export.hf_source)
-        if not (path / "config.json").exists():
-            raise ConfigError(f"export.hf_source: {path} has no config.json (not a Hugging Face model directory)")
-        try:
-            model, params = import_hf(path, model_for_hf_dir(cfg.model, path))
-        except ConfigError as e:
-            raise ConfigError(f"export.hf_source: {e} (set model.preset or model.* to the checkpoint's "
-                              f"architecture, or model.preset=null to take it from config.json)") from None
-        return model, params, f"hf {path}"
-    import jax
-
-    from xinst_jax.model.llama import init_params
-
-    params = jax.jit(functools.partial(init_params, cfg.model))(jax.random.PRNGKey(cfg.seed))
-    jax.block_until_ready(params)
-    return cfg.model, params, f"fresh init (seed {cfg.seed})"
+    return load_params(cfg.model, checkpoint=cfg.export.checkpoint, hf_dir=cfg.export.hf_source, seed=cfg.seed,
+                       keys=("export.checkpoint", "export.hf_source"))
 
 
 def export_out_dir(cfg: Config) -> Path:

@@ -224,33 +224,15 @@ def check_manifest(out: Path, manifest: dict) -> None:
 def load_model(cfg: Config) -> tuple[ModelConfig, Any, str]:
     """(model config, params, where they came from): generate.checkpoint, else generate.hf_dir,
     else a random init from `seed` (with a warning)."""
+    from xinst_jax.convert.sources import load_params
+
     gen = cfg.generate
-    if gen.checkpoint:
-        from xinst_jax.checkpoint import load_params_for_export
-
-        if not Path(gen.checkpoint).exists():
-            raise ConfigError(f"generate.checkpoint: {gen.checkpoint} not found")
-        return cfg.model, load_params_for_export(gen.checkpoint, cfg.model), f"checkpoint {gen.checkpoint}"
-    if gen.hf_dir:
-        from xinst_jax.convert.hf import import_hf, model_for_hf_dir
-
-        path = Path(gen.hf_dir)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"generate.hf_dir: {path} is not a Hugging Face model directory (no config.json)")
-        try:
-            model, params = import_hf(path, model_for_hf_dir(cfg.model, path))
-        except ConfigError as e:
-            raise ConfigError(f"generate.hf_dir: {e} (set model.preset to the checkpoint's architecture, or "
-                              "model.preset=null to take it from config.json)") from None
-        return model, params, f"hf {path}"
-    import jax
-
-    from xinst_jax.model.llama import init_params
-
-    print(f"warning: generate: neither generate.checkpoint nor generate.hf_dir is set; using random-init "
-          f"params (seed {cfg.seed}), so the outputs are noise", file=sys.stderr, flush=True)
-    return cfg.model, jax.jit(lambda k: init_params(cfg.model, k))(jax.random.PRNGKey(cfg.seed)), \
-        f"random init (seed {cfg.seed})"
+    loaded = load_params(cfg.model, checkpoint=gen.checkpoint, hf_dir=gen.hf_dir, seed=cfg.seed,
+                         keys=("generate.checkpoint", "generate.hf_dir"))
+    if not (gen.checkpoint or gen.hf_dir):
+        print(f"warning: generate: neither generate.checkpoint nor generate.hf_dir is set; using random-init "
+              f"params (seed {cfg.seed}), so the outputs are noise", file=sys.stderr, flush=True)
+    return loaded
 
 
 # --------------------------------------------------------------------------- the job
