@@ -66,12 +66,20 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
 def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """buffer [B, KV, S, D] with new [B, KV, T, D] written from slot `index`, in place.
 
-    16-bit floats are written through their uint16 bits: some backends (XLA:CPU) otherwise widen
-    a bfloat16 dynamic-update-slice to float32, converting the whole cache there and back."""
+    On XLA:CPU 16-bit floats are written through their uint16 bits: it otherwise widens a
+    bfloat16 dynamic-update-slice to float32, converting the whole cache there and back. Only
+    there: on TPU the bit casts are two whole-cache copies per layer and step, and the write no
+    longer lands in the donated buffer (launch/aot_check.py --mode decode measures it)."""
     new = new.astype(buffer.dtype)
-    start = (0, 0, index, 0)
+
+    def plain(buffer, new, index):
+        return jax.lax.dynamic_update_slice(buffer, new, (0, 0, index, 0))
+
+    def through_bits(buffer, new, index):
+        bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(buffer, jnp.uint16),
+                                            jax.lax.bitcast_convert_type(new, jnp.uint16), (0, 0, index, 0))
+        return jax.lax.bitcast_convert_type(bits, buffer.dtype)
+
     if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating):
-        return jax.lax.dynamic_update_slice(buffer, new, start)
-    bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(buffer, jnp.uint16),
-                                        jax.lax.bitcast_convert_type(new, jnp.uint16), start)
-    return jax.lax.bitcast_convert_type(bits, buffer.dtype)
+        return plain(buffer, new, index)
+    return jax.lax.platform_dependent(buffer, new, index, cpu=through_bits, default=plain)
