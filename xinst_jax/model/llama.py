@@ -102,12 +102,21 @@ class LoRA(nnx.Module):
         return jax.lax.dot_general(low, b, (((low.ndim - 1,), (0,)), ((), ()))) * self.scale
 
 
+def _token_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x [B, T, ...], w) accumulated in float32, with batch and length merged into one
+    token axis: the weight's gradient is then one plain matmul (over B and T as two axes, XLA:CPU
+    transposes the activations and their gradients to sum over both)."""
+    b, t = x.shape[:2]
+    y = jnp.einsum(spec.replace("bt", "n"), x.reshape((b * t,) + x.shape[2:]), w,
+                   preferred_element_type=jnp.float32)
+    return y.reshape((b, t) + y.shape[1:])
+
+
 def _projection(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
     """`einsum(spec, x, module.<name>)` in x's dtype, plus the weight's LoRA adapter if it has one.
     Accumulated in float32 whatever the inputs (bfloat16 matmuls then take the backends' fast
     bf16-in, f32-accumulate kernels, e.g. the TPU MXU's; XLA:CPU widens the weight otherwise)."""
-    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype),
-                   preferred_element_type=jnp.float32).astype(x.dtype)
+    y = _token_einsum(spec, x, getattr(module, name)[...].astype(x.dtype)).astype(x.dtype)
     adapter = getattr(module, name + LORA_SUFFIX, None)
     return y if adapter is None else y + adapter(x).astype(y.dtype)
 
@@ -206,6 +215,14 @@ def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
     return make(rngs)
 
 
+def _unstack(tree: Any, n: int) -> list:
+    """A tree of [n, ...] arrays -> n trees of [...] arrays (None -> n Nones)."""
+    if tree is None:
+        return [None] * n
+    pieces = jax.tree.map(lambda x: [p[0] for p in jnp.split(x, n)], tree)
+    return [jax.tree.map(lambda p, i=i: p[i], pieces, is_leaf=lambda x: isinstance(x, list)) for i in range(n)]
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -258,11 +275,9 @@ class LlamaForCausalLM(nnx.Module):
         """Hidden states [B, T, embed] -> logits [B, T, vocab] float32 (final norm, then lm_head)."""
         h = self.final_norm(h)
         if self.lm_head is None:
-            logits = jnp.einsum("bte,ve->btv", h, self.embed.embedding[...].astype(h.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = _token_einsum("bte,ve->btv", h, self.embed.embedding[...].astype(h.dtype))
         else:
-            logits = jnp.einsum("bte,ev->btv", h, self.lm_head.kernel[...].astype(h.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = _token_einsum("bte,ev->btv", h, self.lm_head.kernel[...].astype(h.dtype))
         return constrain(logits, BTV)
 
     def _run_layers(self, h, cos, sin, mask, kv, index):
@@ -287,10 +302,11 @@ class LlamaForCausalLM(nnx.Module):
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         if cfg.scan_layers:
             return jax.lax.scan(lambda h, xs: one_layer(h, *xs), h, (state, kv))
+        # Split the stack once (its gradient is one concatenate, not a pad and an add per layer).
+        states, kvs = _unstack(state, cfg.num_layers), _unstack(kv, cfg.num_layers)
         outputs = []
         for i in range(cfg.num_layers):
-            h, layer_kv = one_layer(h, jax.tree.map(lambda x: x[i], state),
-                                    None if kv is None else jax.tree.map(lambda x: x[i], kv))
+            h, layer_kv = one_layer(h, states[i], kvs[i])
             outputs.append(layer_kv)
         if kv is None:
             return h, None
