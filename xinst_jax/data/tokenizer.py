@@ -75,6 +75,13 @@ class Tokenizer:
 
     # ---- shared
 
+    def _read(self, file: str) -> bytes:
+        """The tokenizer file's bytes; records it (and its tokenizer_config.json) as this tokenizer's files."""
+        self.path = file
+        self.files = tuple(f for f in (file, _beside(file, CONFIG_FILE)) if _exists(f))
+        with open_binary(file) as f:
+            return f.read()
+
     @property
     def pad_id(self) -> Optional[int]:
         return self.pad_token_id if self.pad_token_id is not None else self.eos_id
@@ -157,10 +164,7 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-        self.path = model_file
-        self.files = tuple(f for f in (model_file, _beside(model_file, CONFIG_FILE)) if _exists(f))
-        with open_binary(model_file) as f:
-            data = f.read()
+        data = self._read(model_file)
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=data)
         except Exception as e:  # noqa: BLE001 (sentencepiece raises RuntimeError/OSError)
@@ -218,10 +222,7 @@ class HFTokenizer(Tokenizer):
     def __init__(self, json_file: str, config: Optional[dict] = None):
         from tokenizers import Tokenizer as RustTokenizer
 
-        self.path = json_file
-        self.files = tuple(f for f in (json_file, _beside(json_file, CONFIG_FILE)) if _exists(f))
-        with open_binary(json_file) as f:
-            text = f.read().decode("utf-8")
+        text = self._read(json_file).decode("utf-8")
         try:
             spec = json.loads(text)
             self._tok = RustTokenizer.from_str(text)

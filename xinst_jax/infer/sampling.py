@@ -52,18 +52,12 @@ class SamplingSettings:
         return self.temperature <= 0.0
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        for name, least in (("max_new_tokens", 1), ("temperature", 0), ("top_k", 0), ("min_new_tokens", 0),
+                            ("no_repeat_ngram", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if not 0.0 < self.top_p:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.no_repeat_ngram < 0:
-            raise ValueError(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
         if any(len(s) == 0 for s in self.stop_sequences):
             raise ValueError("stop_sequences must not contain an empty sequence")
 
