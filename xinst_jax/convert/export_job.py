@@ -28,15 +28,8 @@ import time
 from pathlib import Path
 
 from xinst_jax.config import Config, ConfigError
+from xinst_jax.convert.sources import existing_dir
 from xinst_jax.jobs import register_job
-
-
-def _existing_dir(key: str, value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        what = "is not a directory" if path.exists() else "not found"
-        raise ConfigError(f"{key}: directory {value} {what}")
-    return path
 
 
 def load_export_params(cfg: Config):
@@ -59,7 +52,7 @@ def export_hf_job(cfg: Config) -> None:
     if export.max_shard_bytes <= 0:
         raise ConfigError(f"export.max_shard_bytes: must be > 0, got {export.max_shard_bytes}")
     if export.tokenizer_dir:
-        _existing_dir("export.tokenizer_dir", export.tokenizer_dir)
+        existing_dir("export.tokenizer_dir", export.tokenizer_dir)
     out = export_out_dir(cfg)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export.out: {out} exists and is not a directory")

@@ -9,6 +9,13 @@ from typing import Any
 from xinst_jax.config import ConfigError, ModelConfig
 
 
+def existing_dir(key: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"{key}: directory {value} {'is not a directory' if path.exists() else 'not found'}")
+    return path
+
+
 def load_params(model: ModelConfig, *, checkpoint: str, hf_dir: str, seed: int,
                 keys: tuple[str, str]) -> tuple[ModelConfig, Any, str]:
     """(model config, params, where they came from). `keys` name the checkpoint and HF settings in
@@ -18,14 +25,13 @@ def load_params(model: ModelConfig, *, checkpoint: str, hf_dir: str, seed: int,
     if checkpoint:
         from xinst_jax.checkpoint import load_params_for_export
 
-        if "://" not in checkpoint and not Path(checkpoint).is_dir():  # gs:// is checked by the checkpoint layer
-            what = "is not a directory" if Path(checkpoint).exists() else "not found"
-            raise ConfigError(f"{checkpoint_key}: directory {checkpoint} {what}")
+        if "://" not in checkpoint:  # gs:// is checked by the checkpoint layer
+            existing_dir(checkpoint_key, checkpoint)
         return model, load_params_for_export(checkpoint, model), f"checkpoint {checkpoint}"
     if hf_dir:
         from xinst_jax.convert.hf import import_hf, model_for_hf_dir
 
-        path = Path(hf_dir)
+        path = existing_dir(hf_key, hf_dir)
         if not (path / "config.json").is_file():
             raise ConfigError(f"{hf_key}: {path} is not a Hugging Face model directory (no config.json)")
         try:
