@@ -423,5 +423,4 @@ def merge_lora(params: Params, cfg: ModelConfig) -> Params:
 def unstack_layers(params: Params, cfg: ModelConfig) -> Params:
     """Stacked params (the training layout) -> the `stack_layers=False` layout: one subtree per
     layer. Pure: jit it with the per-layer shardings to lay out inference weights once."""
-    layers = {i: jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(cfg.num_layers)}
-    return {**params, "layers": layers}
+    return {**params, "layers": dict(enumerate(_unstack(params["layers"], cfg.num_layers)))}

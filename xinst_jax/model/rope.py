@@ -39,13 +39,6 @@ def rope_cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndar
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def rope_table(length: int, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [length, head_dim/2] float32 for positions 0 .. length-1, in numpy. The angles are
-    rounded to float32 as in `rope_cos_sin` (and HF); cos/sin of them are then correctly rounded."""
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)
-    return np.cos(angles.astype(np.float64)).astype(np.float32), np.sin(angles.astype(np.float64)).astype(np.float32)
-
-
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """x [B, T, heads, head_dim]; rotates (first half, second half) pairs."""
     half = x.shape[-1] // 2
