@@ -316,6 +316,63 @@ class DataConfig:
 
 
 @dataclass
+class CorpusFilterConfig:
+    """The `candidates` job's document filters (xinst_jax/curate/filters.py); each drop is counted
+    per language and reason. The paper keeps web texts whose length matches its seed responses
+    (its generated pairs average ~1,000-1,300 response characters); the window below keeps that
+    range with room on both sides."""
+
+    min_chars: int = 400  # documents shorter than this (after line filtering) are dropped: too_short
+    max_chars: int = 3000  # ... and longer: too_long
+    min_line_chars: int = 20  # lines shorter than this are "short" (menus, bylines, buttons)
+    max_short_line_share: float = 0.5  # more of the characters in short lines: short_lines
+    min_lang_confidence: float = 0.5  # py3langid probability of the labelled language below this: low_lang_confidence
+    check_lang: bool = True  # py3langid's best language differs from `lang`: wrong_lang
+    near_duplicate_threshold: float = 0.8  # estimated Jaccard of character shingles: near_duplicate (0: off)
+    shingle_chars: int = 5  # characters per shingle (scripts without spaces need characters, not words)
+    minhash_permutations: int = 128
+    max_non_letter_share: float = 0.3  # more non-letter, non-space characters: boilerplate_chars
+    max_repeated_line_share: float = 0.3  # more lines repeating an earlier line: repeated_lines
+
+
+@dataclass
+class InstructionFilterConfig:
+    """Filters on generated English instructions (candidates and refine), counted by reason."""
+
+    min_chars: int = 10
+    max_chars: int = 800
+    min_english_confidence: float = 0.5  # py3langid: not English, or English below this: not_english
+    max_copy_share: float = 0.5  # share of the instruction's character shingles found in the document: copies_document
+    residue: list[str] = field(default_factory=lambda: ["###", "English Instruction:", "### Text:", "Response:"])
+
+
+@dataclass
+class CurateConfig:
+    """X-Instruction stages 2 and 3 (xinst_jax/curate/): `candidates` (filter web text, generate
+    English instructions with the reverse instruction generator), `ratings` (three-level rating set
+    from seed pairs, for evaluator_xinst) and `refine` (label, regenerate flawed, keep best).
+    The generator is the engine's model: generate.checkpoint / generate.hf_dir / generate.tokenizer,
+    sampled with generate.* (the X-Instruction settings by default)."""
+
+    corpus: list[DataInputConfig] = field(default_factory=list)  # documents {id, lang, text}
+    out: str = ""  # stage directories <out>/candidates, <out>/ratings, <out>/refine; empty: <run_dir>
+    filters: CorpusFilterConfig = field(default_factory=CorpusFilterConfig)
+    instruction_filters: InstructionFilterConfig = field(default_factory=InstructionFilterConfig)
+    samples: int = 1  # English instructions sampled per kept document
+    shard_size: int = 256  # documents per candidates shard: the unit of resume
+    continuous_batching: bool = True  # refill finished rows with waiting prompts
+    # ratings: seed pairs {id, lang, instruction, output} -> {id, lang, instruction, output, label}
+    seed_pairs: list[DataInputConfig] = field(default_factory=list)
+    # refine
+    candidates: str = ""  # candidates JSONL or directory; empty: <out>/candidates
+    evaluator_checkpoint: str = ""  # trainer checkpoint of the evaluator (evaluator_xinst)
+    evaluator_hf_dir: str = ""  # or its Hugging Face directory
+    rounds: int = 2
+    fresh_instructions: int = 4  # new instructions sampled for each flawed candidate
+    retrain_generator: bool = False  # fine-tune the generator on each round's best pairs before the next
+
+
+@dataclass
 class Config:
     job: str = "train"
     name: str = ""  # the config's name; filled from the file name
@@ -329,6 +386,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or os.path.join("runs", self.name or "default"))

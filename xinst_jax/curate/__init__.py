@@ -1,0 +1,1 @@
+"""X-Instruction curation stages: corpus filters, candidates, ratings, evaluator scoring, refine."""
