@@ -17,8 +17,8 @@ import pytest
 
 from xinst_jax.config import ConfigError, load_config
 from xinst_jax.data.tokenizer import ByteTokenizer
-from xinst_jax.infer.job import (DEMO_PROMPTS, output_text, read_input, run_generate, sampling_settings,
-                                 shard_paths, shards_for_process)
+from xinst_jax.infer.job import DEMO_PROMPTS, output_text, read_input, run_generate, sampling_settings
+from xinst_jax.shards import shard_paths, shards_for_process
 from xinst_jax.tasks import Task
 
 REPO = Path(__file__).resolve().parent.parent

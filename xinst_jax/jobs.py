@@ -20,6 +20,10 @@ JOB_MODULES: dict[str, tuple[str, str]] = {
     "train_tokenizer": ("xinst_jax.data.train_tokenizer",
                         "train a SentencePiece BPE (byte fallback) on data.inputs; HF files beside it"),
     "prepare": ("xinst_jax.data.prepare", "tokenise data.inputs with a template into TFRecord shards + manifest"),
+    "candidates": ("xinst_jax.curate.candidates",
+                   "filter curate.corpus, then sample English instructions for every kept document: resumable"),
+    "ratings": ("xinst_jax.curate.ratings", "three-level rating set (best / flawed / worst) from curate.seed_pairs"),
+    "refine": ("xinst_jax.curate.refine", "evaluator labels candidates; flawed get fresh instructions; keep best"),
 }
 
 _REGISTRY: dict[str, JobFn] = {}

@@ -51,10 +51,8 @@ settings in the same output directory is refused (manifest.json), never mixed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +61,8 @@ from typing import Any, Iterator
 from xinst_jax.config import CONFIG_DIR, Config, ConfigError, DataInputConfig, ModelConfig
 from xinst_jax.data.records import Located, RecordReader
 from xinst_jax.jobs import register_job
+from xinst_jax.shards import (check_manifest, file_sha256, merge_shards, shard_is_done, shard_ranges,
+                               shards_for_process, write_atomic, write_shard)
 from xinst_jax.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,6 @@ class InputScan:
     fingerprint: str  # sha256 of the file's bytes
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def scan_input(cfg: Config, task: Task, path: Path) -> InputScan:
     """Pass 1: count the valid records (shard boundaries) and collect the bad lines."""
     reader, records = read_input(cfg, task, path)
@@ -136,86 +128,6 @@ def shard_records(cfg: Config, task: Task, path: Path, ranges: list[tuple[int, i
                     return
     raise ConfigError(f"generate.input: {path} changed while the job ran (shard {k} is incomplete on the second "
                       "read); rerun")
-
-
-# --------------------------------------------------------------------------- shards
-
-
-def shard_ranges(num_records: int, shard_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + shard_size, num_records)) for s in range(0, num_records, shard_size)]
-
-
-def shards_for_process(num_shards: int, process: int, count: int, split: str) -> list[int]:
-    """Shard indices process `process` of `count` handles: a contiguous range or process::count."""
-    if split == "strided":
-        return list(range(process, num_shards, count))
-    base, extra = divmod(num_shards, count)
-    start = process * base + min(process, extra)
-    return list(range(start, start + base + (1 if process < extra else 0)))
-
-
-def shard_paths(out: Path, k: int) -> tuple[Path, Path]:
-    return out / f"part-{k:05d}.jsonl", out / f"part-{k:05d}.done"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def shard_is_done(out: Path, k: int, expected: int) -> bool:
-    part, done = shard_paths(out, k)
-    if not (part.exists() and done.exists()):
-        return False
-    try:
-        marker = json.loads(done.read_text())
-        data = part.read_bytes()
-    except (OSError, ValueError):
-        return False
-    return (marker.get("records") == expected and data.count(b"\n") == expected
-            and marker.get("sha256") == hashlib.sha256(data).hexdigest())
-
-
-def write_shard(out: Path, k: int, lines: list[str]) -> None:
-    part, done = shard_paths(out, k)
-    if done.exists():
-        done.unlink()
-    data = "".join(line + "\n" for line in lines).encode("utf-8")
-    _write_atomic(part, data)
-    _write_atomic(done, json.dumps({"records": len(lines), "sha256": hashlib.sha256(data).hexdigest()}).encode())
-
-
-def merge_shards(out: Path, num_shards: int) -> Path:
-    target = out / "output.jsonl"
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for k in range(num_shards):
-            f.write(shard_paths(out, k)[0].read_bytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    return target
-
-
-def check_manifest(out: Path, manifest: dict) -> None:
-    """Refuse to mix shards of different runs; write the manifest if there is none."""
-    path = out / "manifest.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
-        if old is not None and old != manifest:
-            changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise ConfigError(f"generate.output: {out} holds shards of another run ({', '.join(changed)} "
-                              "changed); use another generate.output or delete that directory")
-        if old is not None:
-            return
-    _write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 # --------------------------------------------------------------------------- model
@@ -322,7 +234,7 @@ def run_generate(cfg: Config) -> dict:
         "settings": {k: v for k, v in dataclasses.asdict(gen).items()
                      if k not in ("input", "output", "progress", "split", "checkpoint", "hf_dir")},
     }
-    check_manifest(out, json.loads(json.dumps(manifest)))
+    check_manifest(out, manifest, "generate.output")
 
     mine = shards_for_process(len(ranges), process, count, gen.split)
     todo = [k for k in mine if not shard_is_done(out, k, ranges[k][1] - ranges[k][0])]
@@ -394,7 +306,7 @@ def run_generate(cfg: Config) -> dict:
         else:
             merged = merge_shards(out, len(ranges))
             report["merged"] = str(merged)
-        _write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8"))
+        write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8"))
         rate = f", {report['tokens_per_s']} tok/s" if report["tokens_per_s"] else ""
         print(f"generate: {out / 'output.jsonl'}: {scan.records} records in {len(ranges)} shard(s) "
               f"({len(todo)} generated, {reused} reused); {new_tokens} new tokens{rate}; "
