@@ -38,18 +38,20 @@ class StageCounts:
     def total_kept(self) -> int:
         return sum(self.kept.values())
 
+    def _row(self, langs: list[str]) -> dict:
+        dropped: collections.Counter = collections.Counter()
+        for lang in langs:
+            dropped.update(self.dropped[lang])
+        dropped = {k: v for k, v in sorted(dropped.items()) if v}
+        kept = sum(self.kept[lang] for lang in langs)
+        return {"in": kept + sum(dropped.values()), "kept": kept, "dropped": dropped}
+
     def to_dict(self) -> dict:
-        """{lang: {"in", "kept", "dropped": {reason: n}}} (plus "all"), in == kept + dropped."""
-        out = {}
-        for lang in self.languages():
-            dropped = {k: v for k, v in sorted(self.dropped[lang].items()) if v}
-            out[lang] = {"in": self.kept[lang] + sum(dropped.values()), "kept": self.kept[lang], "dropped": dropped}
-        everything = StageCounts()
-        for lang in self.languages():
-            everything.kept["all"] += self.kept[lang]
-            everything.dropped["all"].update(self.dropped[lang])
-        if out:
-            out["all"] = everything.to_dict()["all"] if everything.languages() else {}
+        """{lang: {"in", "kept", "dropped": {reason: n}}} plus "all", in == kept + dropped."""
+        langs = self.languages()
+        out = {lang: self._row([lang]) for lang in langs}
+        if langs:
+            out["all"] = self._row(langs)
         return out
 
     @classmethod
