@@ -147,6 +147,30 @@ def load_model(cfg: Config) -> tuple[ModelConfig, Any, str]:
     return loaded
 
 
+def build_engine(cfg: Config, model: ModelConfig, params: Any) -> "Any":
+    """The inference engine over this process's devices, as generate.* configures it (every job
+    that generates or scores: generate, candidates, refine)."""
+    import jax
+
+    from xinst_jax.infer.generate import Engine
+    from xinst_jax.sharding import make_mesh, parse_rules
+
+    gen = cfg.generate
+    mesh = make_mesh(cfg.mesh, jax.local_devices())
+    try:
+        return Engine(params, model, mesh=mesh, rules=parse_rules(cfg.mesh.rules), batch_size=gen.batch_size,
+                      buckets=gen.prompt_buckets, kv_dtype=gen.kv_dtype or None,
+                      weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments)
+    except ValueError as e:
+        raise ConfigError(f"generate: {e}") from None
+
+
+def check_tokenizer_fits(tokenizer, model: ModelConfig, key: str) -> None:
+    if getattr(tokenizer, "vocab_size", 0) > model.vocab_size:
+        raise ConfigError(f"{key}: {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                          f"is {model.vocab_size}")
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -206,9 +230,7 @@ def run_generate(cfg: Config) -> dict:
     import jax
 
     from xinst_jax.data.tokenizer import load_tokenizer
-    from xinst_jax.infer.generate import Engine
     from xinst_jax.runtime import setup_runtime
-    from xinst_jax.sharding import make_mesh, parse_rules
 
     gen = cfg.generate
     input_path = _validate(cfg)
@@ -223,9 +245,7 @@ def run_generate(cfg: Config) -> dict:
     scan = scan_input(cfg, task, input_path)
     ranges = shard_ranges(scan.records, gen.shard_size)
     model, params, source = load_model(cfg)
-    if getattr(tokenizer, "vocab_size", 0) > model.vocab_size:
-        raise ConfigError(f"generate.tokenizer: {gen.tokenizer} has {tokenizer.vocab_size} tokens but the model's "
-                          f"vocabulary is {model.vocab_size}")
+    check_tokenizer_fits(tokenizer, model, "generate.tokenizer")
     settings = sampling_settings(cfg, model, tokenizer)
     manifest = {
         "input": str(input_path.resolve()), "input_sha256": scan.fingerprint, "records": scan.records,
@@ -252,14 +272,7 @@ def run_generate(cfg: Config) -> dict:
     new_tokens = truncated = 0
     gen_seconds = 0.0
     if todo:
-        mesh = make_mesh(cfg.mesh, jax.local_devices())
-        rules = parse_rules(cfg.mesh.rules)
-        try:
-            engine = Engine(params, model, mesh=mesh, rules=rules, batch_size=gen.batch_size,
-                            buckets=gen.prompt_buckets, kv_dtype=gen.kv_dtype or None,
-                            weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments)
-        except ValueError as e:
-            raise ConfigError(f"generate: {e}") from None
+        engine = build_engine(cfg, model, params)
         del params
         bar = _progress(gen.progress, sum(b - a for a, b in (ranges[k] for k in mine)),
                         sum(ranges[k][1] - ranges[k][0] for k in mine if k not in todo))
