@@ -103,8 +103,9 @@ def merge_shards(out: Path, num_shards: int, name: str = "output.jsonl") -> Path
 
 
 def check_manifest(out: Path, manifest: dict, key: str) -> None:
-    """Refuse to mix shards of different runs (`key`: the config key naming `out`); write the
-    manifest if there is none."""
+    """Refuse to mix shards of different runs (`key`: the config key naming `out`): every key of
+    `manifest` must equal the saved one (the saved manifest may hold more, e.g. the counts a
+    finished stage adds). Write the manifest if there is none."""
     path = out / "manifest.json"
     manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back
     if path.exists():
@@ -112,8 +113,8 @@ def check_manifest(out: Path, manifest: dict, key: str) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             old = None
-        if old is not None and old != manifest:
-            changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        changed = sorted(k for k in manifest if old is not None and old.get(k) != manifest[k])
+        if changed:
             raise ConfigError(f"{key}: {out} holds shards of another run ({', '.join(changed)} changed); use "
                               "another directory or delete that one")
         if old is not None:
