@@ -102,10 +102,10 @@ def merge_shards(out: Path, num_shards: int, name: str = "output.jsonl") -> Path
     return target
 
 
-def check_manifest(out: Path, manifest: dict, key: str) -> None:
+def check_manifest(out: Path, manifest: dict, key: str, write: bool = True) -> None:
     """Refuse to mix shards of different runs (`key`: the config key naming `out`): every key of
     `manifest` must equal the saved one (the saved manifest may hold more, e.g. the counts a
-    finished stage adds). Write the manifest if there is none."""
+    finished stage adds). Write the manifest if there is none (and `write`)."""
     path = out / "manifest.json"
     manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back
     if path.exists():
@@ -119,4 +119,5 @@ def check_manifest(out: Path, manifest: dict, key: str) -> None:
                               "another directory or delete that one")
         if old is not None:
             return
-    write_json(path, manifest)
+    if write:
+        write_json(path, manifest)

@@ -228,9 +228,10 @@ def run_candidates(cfg: Config) -> dict:
         "settings": {k: v for k, v in dataclasses.asdict(gen).items()
                      if k not in ("input", "output", "progress", "split", "checkpoint", "hf_dir", "template")},
     }
-    check_manifest(out, {"settings": manifest}, "curate.out")
-
+    check_manifest(out, {"settings": manifest}, "curate.out", write=False)
     filtered = load_or_filter(cfg, out, is_writer=process == 0)
+    if process == 0:  # written once the corpus is known to hold documents
+        check_manifest(out, {"settings": manifest}, "curate.out")
     docs = filtered.documents
     ranges = shard_ranges(len(docs), cur.shard_size)
     mine = shards_for_process(len(ranges), process, count, gen.split)

@@ -349,9 +349,10 @@ class InstructionFilter:
             return "too_long"
         if any(marker and marker in text for marker in cfg.residue):
             return "template_residue"
-        code, prob = language_of(text)
-        if code != "en" or prob < cfg.min_english_confidence:
-            return "not_english"
+        if cfg.check_english:
+            code, prob = language_of(text)
+            if code != "en" or prob < cfg.min_english_confidence:
+                return "not_english"
         if copy_share(text, document) > cfg.max_copy_share:
             return "copies_document"
         return None
