@@ -155,3 +155,28 @@ def test_refine_bad_input(tmp_path, model_dirs):
         run_refine(load_config("refine_xinst", overrides(tmp_path, generator, evaluator, bad_lang)))
     with pytest.raises(ConfigError, match="model.num_layers is 2 in the checkpoint but 3"):
         run_refine(load_config("refine_xinst", overrides(tmp_path, generator, evaluator, path, "model.num_layers=3")))
+
+
+def test_retrain_generator_on_kept_pairs(tmp_path, model_dirs):
+    """curate.retrain_generator: the round's kept pairs fine-tune the generator (revgen template,
+    the finetune job), and the next round samples from the result."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from xinst_jax.curate.refine import retrain_generator
+
+    generator, evaluator = model_dirs
+    cfg = load_config("refine_xinst", overrides(
+        tmp_path, generator, evaluator, write_candidates(tmp_path / "c.jsonl"), "curate.retrain_generator=true",
+        "train.steps=3", "train.batch_size=2", "train.seq_len=128", "train.warmup_steps=1", "train.log_every=1",
+        "data.num_shards=1", "checkpoint.every=3", "checkpoint.async_save=false", "train.learning_rate=1e-2"))
+    models = Models(cfg, KeywordEvaluator(fix=True), ("", str(generator)))
+    kept = [dict(c, index=i) for i, c in enumerate(CANDIDATES[:2])]
+    retrain_generator(cfg, models, kept, 1, tmp_path / "refine")
+    tuned = tmp_path / "refine" / "round-1" / "generator" / "hf"
+    assert models.generator_source == ("", str(tuned)) and models._generator is None
+    pairs = (tmp_path / "refine" / "round-1" / "generator" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(p)["instruction"] for p in pairs] == [c["instruction"] for c in CANDIDATES[:2]]
+    before, after = (load_file(str(d / "model.safetensors")) for d in (generator, tuned))
+    assert before.keys() == after.keys()
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
