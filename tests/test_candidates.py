@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,16 +173,17 @@ def test_generator_of_another_architecture(tmp_path, generator_dir):
 
 
 @needs_udhr
-def test_kill_mid_run_then_rerun_gives_the_same_file(tmp_path, generator_dir):
+def test_kill_mid_run_then_rerun_and_two_processes_give_the_same_file(tmp_path, generator_dir):
     """A real `kill -9` after the first shards are done; the rerun finishes with the same bytes
-    as an uninterrupted run, no line lost or doubled."""
+    as an uninterrupted run, no line lost or doubled. Two processes splitting the shards write
+    the same bytes too."""
     docs = udhr_documents(["bn", "vi"], per_lang=4)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
 
-    def command(out_name: str) -> list[str]:
+    def command(out_name: str, *extra: str) -> list[str]:
         args = [sys.executable, str(ENTRY), "--config", "candidates_xinst"]
-        for o in job_overrides(tmp_path, corpus, generator_dir, "curate.shard_size=2", "curate.samples=1"):
+        for o in job_overrides(tmp_path, corpus, generator_dir, "curate.shard_size=2", "curate.samples=1", *extra):
             args += ["--set", o.replace(str(tmp_path / "out"), str(tmp_path / out_name))]
         return args
 
@@ -203,3 +205,23 @@ def test_kill_mid_run_then_rerun_gives_the_same_file(tmp_path, generator_dir):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (out / "candidates.jsonl").read_bytes() == reference
     assert len(reference.splitlines()) == len(docs)
+
+    port = free_port()
+    procs = [subprocess.Popen(command("two", f"distributed.coordinator=127.0.0.1:{port}",
+                                      "distributed.num_processes=2", f"distributed.process_id={i}"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        results = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (stdout, err) in zip(procs, results):
+        assert p.returncode == 0, err[-2000:]
+    assert "shard 1/4" in results[0][0] and "shard 3/4" in results[1][0]  # each process did its half
+    assert (tmp_path / "two" / "candidates" / "candidates.jsonl").read_bytes() == reference
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
