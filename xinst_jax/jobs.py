@@ -24,6 +24,7 @@ JOB_MODULES: dict[str, tuple[str, str]] = {
                    "filter curate.corpus, then sample English instructions for every kept document: resumable"),
     "ratings": ("xinst_jax.curate.ratings", "three-level rating set (best / flawed / worst) from curate.seed_pairs"),
     "refine": ("xinst_jax.curate.refine", "evaluator labels candidates; flawed get fresh instructions; keep best"),
+    "diversify": ("xinst_jax.curate.diversify", "embed instructions, k-means per language, draw evenly across clusters"),
 }
 
 _REGISTRY: dict[str, JobFn] = {}
