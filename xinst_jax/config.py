@@ -393,6 +393,30 @@ class CurateConfig:
     diversify: DiversifyConfig = field(default_factory=DiversifyConfig)
 
 
+PIPELINE_STAGES = ("tokenizer", "revgen", "candidates", "ratings", "evaluator", "refine", "diversify", "sft")
+
+
+@dataclass
+class PipelineStageConfig:
+    config: str = ""  # the stage's config (configs/<name>.yaml); empty: the stage's default
+    set: dict[str, Any] = field(default_factory=dict)  # overrides for this stage, dotted keys: {train.steps: 100}
+
+
+@dataclass
+class PipelineConfig:
+    """The `pipeline` job (xinst_jax/curate/pipeline.py): seed pairs + corpus + base model ->
+    curated data and the final model, one stage after another, each resumable."""
+
+    dir: str = ""  # stage directories; empty: <run_dir>
+    seed_pairs: list[DataInputConfig] = field(default_factory=list)  # {id, lang, instruction (English), output}
+    corpus: list[DataInputConfig] = field(default_factory=list)  # web text {id, lang, text}
+    base_model: str = ""  # a Hugging Face Llama directory every trained stage starts from; empty: random init
+    tokenizer: str = ""  # the base model's tokenizer; empty: the tokenizer stage trains one on seed pairs + corpus
+    set: dict[str, Any] = field(default_factory=dict)  # overrides for every stage (e.g. model.preset: tiny)
+    stages: dict[str, PipelineStageConfig] = field(default_factory=dict)  # per-stage config and overrides
+    from_stage: str = ""  # rerun from this stage on (its directory and the later ones are moved aside)
+
+
 @dataclass
 class Config:
     job: str = "train"
@@ -408,6 +432,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or os.path.join("runs", self.name or "default"))

@@ -25,6 +25,8 @@ JOB_MODULES: dict[str, tuple[str, str]] = {
     "ratings": ("xinst_jax.curate.ratings", "three-level rating set (best / flawed / worst) from curate.seed_pairs"),
     "refine": ("xinst_jax.curate.refine", "evaluator labels candidates; flawed get fresh instructions; keep best"),
     "diversify": ("xinst_jax.curate.diversify", "embed instructions, k-means per language, draw evenly across clusters"),
+    "pipeline": ("xinst_jax.curate.pipeline", "seed pairs + corpus -> generator -> candidates -> evaluator -> refine -> "
+                 "diversify -> final model, resumable by stage"),
 }
 
 _REGISTRY: dict[str, JobFn] = {}
