@@ -27,6 +27,8 @@ JOB_MODULES: dict[str, tuple[str, str]] = {
     "diversify": ("xinst_jax.curate.diversify", "embed instructions, k-means per language, draw evenly across clusters"),
     "pipeline": ("xinst_jax.curate.pipeline", "seed pairs + corpus -> generator -> candidates -> evaluator -> refine -> "
                  "diversify -> final model, resumable by stage"),
+    "pipeline_demo": ("xinst_jax.curate.pipeline_demo", "the pipeline on CPU on real text in ten languages, with "
+                      "ground-truth figures against baselines (report.md)"),
 }
 
 _REGISTRY: dict[str, JobFn] = {}
