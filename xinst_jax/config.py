@@ -363,6 +363,8 @@ class DiversifyConfig:
     clusters: int = 0  # per language; 0: ceil(sqrt(n / 2)) for n instructions, at most 1000
     iterations: int = 50  # Lloyd iterations at most
     tolerance: float = 1e-4  # stop when centroids move less than this (relative)
+    metric: Literal["cosine", "euclidean"] = "cosine"  # cosine: k-means on the unit sphere (sentence embeddings)
+    restarts: int = 3  # k-means runs per language (k-means++ seeds differ); the lowest inertia is kept
     per_language: int = 32000
 
 

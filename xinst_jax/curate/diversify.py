@@ -14,7 +14,7 @@ Per language:
   1. embed every instruction (curate/embed.py: all-MiniLM-L6-v2 in JAX, or the project's model);
   2. k-means (curate/kmeans.py: k-means++ then Lloyd, cosine, points sharded over the mesh's
      data axes) into k = curate.diversify.clusters clusters, or, when 0, ceil(sqrt(n / 2)) capped
-     at MAX_AUTO_CLUSTERS (and always at n); the best (lowest inertia) of RESTARTS runs. The PRNG
+     at MAX_AUTO_CLUSTERS (and always at n); the best (lowest inertia) of curate.diversify.restarts runs. The PRNG
      key is (seed, crc32(lang)): a language clusters the same whatever other languages the input
      holds;
   3. draw round-robin: round r takes the r-th best pair (highest evaluator score; ties and pairs
@@ -79,8 +79,6 @@ from xinst_jax.shards import check_manifest, file_sha256, write_atomic, write_js
 log = logging.getLogger(__name__)
 
 MAX_AUTO_CLUSTERS = 1000  # clusters=0: ceil(sqrt(n / 2)), at most this many
-METRIC = "cosine"  # k-means on the unit sphere (sentence embeddings); candidate key curate.diversify.metric
-RESTARTS = 3  # k-means runs per language, the lowest inertia kept; candidate key curate.diversify.restarts
 PLOT_POINTS = 20000  # at most this many points drawn per PNG (a fixed random subset)
 DRAW = "round-robin over clusters, best score first within a cluster, input order on ties"  # in the manifest
 OUTPUT_FIELDS = ("id", "lang", "instruction", "output", "score", "round", "cluster", "source_id")
@@ -351,7 +349,7 @@ def run_diversify(cfg: Config) -> dict:
     settings = {
         "stage": "diversify", "input": path, "input_sha256": input_fingerprint(files),
         "languages": cfg.data.languages, "max_chars": cfg.data.max_chars, "embedder": embedder_settings(cfg),
-        "clusters": div.clusters, "max_auto_clusters": MAX_AUTO_CLUSTERS, "metric": METRIC, "restarts": RESTARTS,
+        "clusters": div.clusters, "max_auto_clusters": MAX_AUTO_CLUSTERS, "metric": div.metric, "restarts": div.restarts,
         "iterations": div.iterations, "tolerance": div.tolerance, "per_language": div.per_language,
         "seed": cfg.seed, "draw": DRAW,
     }
@@ -387,8 +385,8 @@ def run_diversify(cfg: Config) -> dict:
         k = cluster_count(len(rows), div.clusters)
         t1 = time.perf_counter()
         key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), zlib.crc32(lang.encode()) & 0x7FFFFFFF)
-        result = kmeans(vectors[rows], k, key, iterations=div.iterations, tolerance=div.tolerance, metric=METRIC,
-                        mesh=mesh, restarts=RESTARTS)
+        result = kmeans(vectors[rows], k, key, iterations=div.iterations, tolerance=div.tolerance, metric=div.metric,
+                        mesh=mesh, restarts=div.restarts)
         cluster_seconds += time.perf_counter() - t1
         drawn = draw_evenly(result.assignments, [r["score"] for r in records], div.per_language)
         counts.add(lang, None, len(drawn))
@@ -427,7 +425,7 @@ def run_diversify(cfg: Config) -> dict:
             write_atomic(out / f"{lang}.jsonl", data)
             languages[lang]["sha256"] = file_sha256(out / f"{lang}.jsonl")
         head = [f"# Diversify: {path}", "",
-                f"Embedder {div.embedder}; k-means ({METRIC}, best of {RESTARTS} runs of k-means++ then at most "
+                f"Embedder {div.embedder}; k-means ({div.metric}, best of {div.restarts} runs of k-means++ then at most "
                 f"{div.iterations} Lloyd iterations); round-robin draw across clusters, best score first, up to "
                 f"{div.per_language} per language. Leading verb / noun: a heuristic (no tagger), see "
                 "xinst_jax/curate/diversify.py.", "",
