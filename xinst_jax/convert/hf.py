@@ -273,8 +273,10 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str 
         for name, _, _ in entries:
             _fetch(params, maps[name])
         return out
-    for old in out.glob("model*.safetensors*"):
-        old.unlink()
+    # config.json goes first and comes back last: an export cut short is never loadable (the
+    # trainer re-exports when a rerun finds the run finished).
+    for old in [out / "config.json", *out.glob("model*.safetensors*")]:
+        old.unlink(missing_ok=True)
     weight_map = {}
     total = 0
     for i, shard in enumerate(shards):
@@ -284,13 +286,13 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str 
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **GENERATION_DEFAULTS}
     if cfg.pad_token_id is not None:
         generation["pad_token_id"] = cfg.pad_token_id
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer_dir:
         for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists():
+            if (Path(tokenizer_dir) / name).exists() and (Path(tokenizer_dir) / name).resolve() != (out / name).resolve():
                 shutil.copy(Path(tokenizer_dir) / name, out / name)
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
     return out

@@ -258,12 +258,15 @@ class ExportHF:
         self.cfg, self.logger = cfg, logger
 
     def __call__(self, info: StepInfo) -> None:
+        self.export(info.state["params"])
+
+    def export(self, params) -> None:
         from xinst_jax.convert.hf import export_hf
 
         cfg = self.cfg
         tokenizer = cfg.export.tokenizer_dir or cfg.data.tokenizer
         tokenizer_dir = tokenizer if not tokenizer or os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
-        out = export_hf(info.state["params"], cfg.model, cfg.export.out or cfg.resolved_run_dir() / "hf",
+        out = export_hf(params, cfg.model, cfg.export.out or cfg.resolved_run_dir() / "hf",
                         dtype=cfg.export.dtype, max_shard_bytes=cfg.export.max_shard_bytes,
                         tokenizer_dir=tokenizer_dir or None)
         self.logger.write(f"exported Hugging Face model to {out}")
@@ -349,8 +352,9 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
         trainer.add_hook(save, cfg.checkpoint.every, needs_state=True, at_end=True)
         if cfg.train.profile_steps > 0:
             trainer.add_hook(Profile(run_dir / "profile", start, cfg.train.profile_steps), at_end=True)
-        if cfg.train.export_at_end:
-            trainer.add_hook(ExportHF(cfg, logger), cfg.train.steps, needs_state=True)
+        export = ExportHF(cfg, logger) if cfg.train.export_at_end else None
+        if export is not None:
+            trainer.add_hook(export, cfg.train.steps, needs_state=True)
         logger.write(f"model {count_params(cfg.model) / 1e6:.2f}M params | mesh {dict(program.mesh.shape)} | "
                      f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
                      f"process(es) | MFU against {metrics.peak / 1e12:.3g} TFLOP/s per device "
@@ -360,6 +364,8 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
         except TrainingDiverged as e:
             logger.write(f"error: {e}")
             raise
+        if export is not None and start == end == cfg.train.steps:
+            export.export(state["params"])  # a rerun of a finished run: its export may have been cut short
         if trainer.stop_requested:
             logger.write(f"preempted at step {trainer.step}: checkpoint saved; rerun the same command to resume")
         summary = metrics.summary()
