@@ -68,6 +68,9 @@ class Pipeline:
         if self.p.from_stage and self.p.from_stage not in PIPELINE_STAGES:
             raise ConfigError(f"pipeline.from_stage: unknown stage '{self.p.from_stage}' (stages: "
                               f"{', '.join(PIPELINE_STAGES)})")
+        if self.p.base_model and not self.p.tokenizer:
+            raise ConfigError("pipeline.tokenizer: required with pipeline.base_model (the base model's tokenizer; "
+                              "its vocabulary fixes the model's)")
         self.stages = [s for s in PIPELINE_STAGES if s != "tokenizer" or not self.p.tokenizer]
         self.tokenizer = self.p.tokenizer or str(self.root / "tokenizer")
 
