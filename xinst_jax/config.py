@@ -395,6 +395,54 @@ class CurateConfig:
     diversify: DiversifyConfig = field(default_factory=DiversifyConfig)
 
 
+@dataclass
+class ServeConfig:
+    """The `serve` job (xinst_jax/serve/): an OpenAI-compatible HTTP server over the engine. The
+    model comes from generate.checkpoint / generate.hf_dir with generate.tokenizer; the engine's
+    settings (batch size, buckets, dtypes) from generate.*."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "xinst"  # the id /v1/models lists and requests name
+    max_queue: int = 64  # waiting requests beyond this are answered 503 at once
+    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
+    batch_wait_ms: float = 5.0  # how long the batcher waits for more requests before a batch starts
+    default_max_tokens: int = 256
+
+
+@dataclass
+class JudgeConfig:
+    """Pairwise judging over an OpenAI-compatible endpoint (GPT-4 in the paper's setting)."""
+
+    base_url: str = ""  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str = "gpt-4"
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key ("" for none)
+    max_tokens: int = 512
+    temperature: float = 0.0
+    retries: int = 5  # on 429 and 5xx, with exponential backoff
+    backoff_s: float = 1.0
+    timeout_s: float = 120.0
+    cache: str = ""  # verdict cache (JSONL); empty: <eval out>/judge_cache.jsonl
+
+
+@dataclass
+class EvalConfig:
+    """The `eval_xinst` job (xinst_jax/eval/): answers in every language, fidelity, judge win
+    rates, log-likelihood benchmarks, report."""
+
+    out: str = ""  # empty: <run_dir>/eval
+    prompts: str = ""  # English prompt set (JSONL or JSON with `instruction`); empty: no generation part
+    max_prompts: int = 0  # 0: all
+    languages: list[str] = field(default_factory=lambda: list(LANGUAGES))
+    reference: str = ""  # reference answers {id, lang, output} JSONL, judged against ours; empty: no judging
+    opponent_base_url: str = ""  # or a second OpenAI-compatible endpoint whose answers are judged against ours
+    opponent_model: str = ""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    xcopa: str = ""  # directory of XCOPA in lm-evaluation-harness's layout (<lang>/val.<lang>.jsonl); empty: skip
+    perplexity: list[DataInputConfig] = field(default_factory=list)  # held-out text {lang, text} per language
+    metrics: str = ""  # a run's metrics.jsonl for the loss curve plot; empty: <run_dir>/metrics.jsonl if present
+
+
 PIPELINE_STAGES = ("tokenizer", "revgen", "candidates", "ratings", "evaluator", "refine", "diversify", "sft")
 
 
@@ -435,6 +483,8 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or os.path.join("runs", self.name or "default"))

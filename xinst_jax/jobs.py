@@ -27,6 +27,9 @@ JOB_MODULES: dict[str, tuple[str, str]] = {
     "diversify": ("xinst_jax.curate.diversify", "embed instructions, k-means per language, draw evenly across clusters"),
     "pipeline": ("xinst_jax.curate.pipeline", "seed pairs + corpus -> generator -> candidates -> evaluator -> refine -> "
                  "diversify -> final model, resumable by stage"),
+    "serve": ("xinst_jax.serve.server", "OpenAI-compatible HTTP server over the engine (completions, chat, streaming)"),
+    "eval_xinst": ("xinst_jax.eval.job", "answers in every language -> fidelity, judge win rates, XCOPA, perplexity "
+                   "-> report.md"),
     "pipeline_demo": ("xinst_jax.curate.pipeline_demo", "the pipeline on CPU on real text in ten languages, with "
                       "ground-truth figures against baselines (report.md)"),
 }
