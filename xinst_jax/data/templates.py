@@ -157,6 +157,11 @@ def render_prompt(template: str, record: dict, join: str = DEFAULT_JOIN) -> str:
     raise AssertionError(template)
 
 
+def sft_prompt_without_language(instruction: str) -> str:
+    """The `sft` prompt without " Answer in {Language}.": chat requests that name no language."""
+    return SFT_PROMPT.replace(" Answer in {output_lang}. ", "").format_map({"instruction": instruction})
+
+
 def render(template: str, record: dict, join: str = DEFAULT_JOIN) -> Rendered:
     """The prompt and completion strings of one training record (fields as RecordReader returns
     them). `raw` has no completion string: its text is the prompt, and the loss covers it all."""

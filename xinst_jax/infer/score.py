@@ -36,6 +36,8 @@ class ScoreOutput:
     is_greedy: np.ndarray  # [N] bool: every continuation token was the argmax
     token_logprobs: list[np.ndarray]  # per row, log p of each continuation token
     truncated: np.ndarray  # [N] bool: the prompt lost its beginning to fit the largest bucket
+    top_tokens: list[np.ndarray] = dataclasses.field(default_factory=list)  # per row, the argmax token at each continuation position
+    top_logprobs: list[np.ndarray] = dataclasses.field(default_factory=list)  # ... and its log p
 
 
 def chunk_positions(batch: int, vocab: int, logits_bytes: int) -> int:
@@ -45,7 +47,9 @@ def chunk_positions(batch: int, vocab: int, logits_bytes: int) -> int:
 
 def score_rows(model: "LlamaForCausalLM", tokens, segments, target_mask, chunk: int):
     """tokens/segments/target_mask [B, T]; target_mask[b, t] marks tokens t that are scored
-    (given tokens < t). Returns per-token log p [B, T] (0 where unscored) and greedy hits [B, T].
+    (given tokens < t). Returns per-token log p [B, T] (0 where unscored), greedy hits [B, T], and
+    the argmax token at each position with its log p ([B, T]; position t: the most likely token t
+    given tokens < t; position 0: 0).
     `chunk`: positions per lm_head chunk (see the module docstring)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -59,19 +63,24 @@ def score_rows(model: "LlamaForCausalLM", tokens, segments, target_mask, chunk: 
     def per_chunk(args):
         h_c, tgt_c = args  # [B, chunk, E], [B, chunk]
         lg = model.logits(h_c)
+        norm = jax.nn.logsumexp(lg, axis=-1)
         picked = jnp.take_along_axis(lg, tgt_c[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(lg, axis=-1), jnp.argmax(lg, axis=-1) == tgt_c
+        top = jnp.argmax(lg, axis=-1)
+        return picked - norm, top == tgt_c, top.astype(jnp.int32), jnp.max(lg, axis=-1) - norm
 
     def to_chunks(x):  # [B, T-1, ...] -> [n, B, chunk, ...]
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
 
-    logp, greedy = jax.lax.map(per_chunk, (to_chunks(h), to_chunks(targets)))
-    logp, greedy = (jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t - 1] for x in (logp, greedy))
+    outs = jax.lax.map(per_chunk, (to_chunks(h), to_chunks(targets)))
+    logp, greedy, top, top_logp = (jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t - 1] for x in outs)
     mask = target_mask[:, 1:]
-    first = jnp.zeros((b, 1), logp.dtype)
-    return (jnp.concatenate([first, jnp.where(mask, logp, 0.0)], axis=1),
-            jnp.concatenate([jnp.ones((b, 1), bool), greedy | ~mask], axis=1))
+
+    def shifted(x, first):  # position t holds the prediction of token t
+        return jnp.concatenate([jnp.full((b, 1), first, x.dtype), x], axis=1)
+
+    return (shifted(jnp.where(mask, logp, 0.0), 0), shifted(greedy | ~mask, True), shifted(top, 0),
+            shifted(top_logp, 0))
 
 
 def score_batches(engine: "Engine", prompts: Sequence[Sequence[int]],
@@ -95,6 +104,8 @@ def score_batches(engine: "Engine", prompts: Sequence[Sequence[int]],
         rows.append((p[-keep:], c))
     order = sorted(range(n), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     token_logprobs: list[np.ndarray] = [np.zeros(0)] * n
+    top_tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * n
+    top_logprobs: list[np.ndarray] = [np.zeros(0)] * n
     is_greedy = np.zeros((n,), bool)
     bsz = engine.batch_size
     for start in range(0, n, bsz):
@@ -109,16 +120,19 @@ def score_batches(engine: "Engine", prompts: Sequence[Sequence[int]],
             tokens[r, :len(seq)] = seq
             segments[r, :len(seq)] = 1
             target[r, len(p):len(seq)] = True
-        logp, greedy = engine._score(engine.params, engine._put(tokens), engine._put(segments), engine._put(target))
-        logp, greedy = np.asarray(logp), np.asarray(greedy)
+        out = engine._score(engine.params, engine._put(tokens), engine._put(segments), engine._put(target))
+        logp, greedy, top, top_logp = (np.asarray(x) for x in out)
         for r, i in enumerate(idx):
             p, c = rows[i]
-            token_logprobs[i] = logp[r, len(p):len(p) + len(c)].astype(np.float64)
-            is_greedy[i] = bool(greedy[r, len(p):len(p) + len(c)].all())
+            span = slice(len(p), len(p) + len(c))
+            token_logprobs[i] = logp[r, span].astype(np.float64)
+            is_greedy[i] = bool(greedy[r, span].all())
+            top_tokens[i], top_logprobs[i] = top[r, span], top_logp[r, span].astype(np.float64)
     sums = np.array([x.sum() for x in token_logprobs], np.float64)
     counts = np.array([len(x) for x in token_logprobs], np.int64)
     return ScoreOutput(sum_logprob=sums, mean_logprob=sums / counts, num_tokens=counts, is_greedy=is_greedy,
-                       token_logprobs=token_logprobs, truncated=truncated)
+                       token_logprobs=token_logprobs, truncated=truncated, top_tokens=top_tokens,
+                       top_logprobs=top_logprobs)
 
 
 def score_records(engine: "Engine", task: "Task", records: Sequence[dict]) -> ScoreOutput:

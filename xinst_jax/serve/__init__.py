@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving over the inference engine (the `serve` job)."""

@@ -1,0 +1,410 @@
+"""Job `serve`: an OpenAI-compatible HTTP server over the inference engine.
+
+    python launch/tpu_run.py --config serve_xinst --set generate.hf_dir=runs/sft_xinst/hf \\
+        --set generate.tokenizer=runs/sft_xinst/hf --set serve.port=8000
+
+Endpoints (FastAPI on uvicorn):
+
+  GET  /health                 {"status": "ok"} once the engine is loaded
+  GET  /v1/models              the one model, named serve.model_name
+  POST /v1/completions         prompt: a text, a list of texts, a list of token ids or a list of
+                               those; max_tokens, temperature, top_p, top_k, stop, seed, n,
+                               stream; echo with logprobs (log-likelihood clients: the prompt's
+                               tokens come back with their log-probabilities and top tokens)
+  POST /v1/chat/completions    messages rendered with the model's template: the X-Instruction
+                               `sft` prompt of the last user message with "Answer in {Language}."
+                               when the request names a `language` (an extra body field, ISO 639-1),
+                               the same prompt without that sentence otherwise; stream
+
+Texts are prompted as the `raw` Task does (the tokenizer's BOS, then the text). Streaming sends
+server-sent events ending in `data: [DONE]`; the events are cut from the finished generation
+(the engine returns a request's tokens when its batch ends), not produced token by token.
+Concurrent requests are batched together in the engine (serve/batcher.py); the queue is bounded
+(`serve.max_queue`): a full queue answers 503 at once. Bad requests get a 4xx with an OpenAI-style
+error body naming the field. SIGTERM stops accepting connections, lets the requests in flight
+finish, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+from fastapi import Request  # at module level: the handlers' annotations are resolved from here
+
+from xinst_jax.config import Config, ConfigError
+from xinst_jax.jobs import register_job
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+def error_body(message: str, param: str | None, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# --------------------------------------------------------------------------- the model side
+
+
+@dataclasses.dataclass
+class Service:
+    """The engine, its tokenizer and the defaults requests fill in."""
+
+    cfg: Config
+    engine: Any
+    tokenizer: Any
+    model: Any  # ModelConfig
+    batcher: Any
+    base_settings: Any  # SamplingSettings with the stop tokens
+
+    def settings_for(self, body: dict) -> Any:
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, exclusive_low=True)
+        top_k = int(_number(body, "top_k", 0, 0, 1 << 20))
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise RequestError("seed must be an integer", "seed")
+        return dataclasses.replace(self.base_settings, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   no_repeat_ngram=0, seed=(seed or 0) % (1 << 31),
+                                   max_new_tokens=self.cfg.serve.max_tokens_limit)
+
+    def prompt_tokens(self, prompt: Any, param: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.prefix_ids) + self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.vocab_size - 1})",
+                                   param)
+        else:
+            raise RequestError("expected a string or a non-empty list of token ids", param)
+        if not ids:
+            raise RequestError("the prompt encodes to no tokens", param)
+        return ids
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, exclusive_low: bool = False) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{key} must be a number", key)
+    if value < low or value > high or (exclusive_low and value == low):
+        raise RequestError(f"{key} must be in {'(' if exclusive_low else '['}{low}, {high}], got {value}", key)
+    return float(value)
+
+
+def _max_tokens(service: Service, body: dict, default: int) -> int:
+    value = body.get("max_tokens", default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RequestError("max_tokens must be a non-negative integer", "max_tokens")
+    if value > service.cfg.serve.max_tokens_limit:
+        raise RequestError(f"max_tokens {value} is above this server's limit {service.cfg.serve.max_tokens_limit}",
+                           "max_tokens")
+    return value
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise RequestError("stop must be a non-empty string or a list of up to 4 of them", "stop")
+    return stops
+
+
+def _n(body: dict) -> int:
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
+        raise RequestError("n must be an integer from 1 to 16", "n")
+    return n
+
+
+def chat_prompt(service: Service, body: dict) -> str:
+    from xinst_jax.data.templates import LANGUAGE_NAMES, render_prompt, sft_prompt_without_language
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                not isinstance(m.get("content"), str):
+            raise RequestError("each message needs a role (system, user, assistant) and a string content",
+                               f"messages[{i}]")
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise RequestError("messages hold no user message", "messages")
+    lang = body.get("language")
+    if lang is None:
+        return sft_prompt_without_language(users[-1])
+    if lang not in LANGUAGE_NAMES:
+        raise RequestError(f"unknown language {lang!r} (known: {', '.join(sorted(LANGUAGE_NAMES))})", "language")
+    return render_prompt("sft", {"instruction": users[-1], "lang": lang})
+
+
+def cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+async def run_generate(service: Service, prompts: list[list[int]], n: int, settings, max_tokens: int,
+                       seeded: bool) -> list[list[tuple]]:
+    """[prompt][sample] -> (tokens, finish, prompt_len, truncated)."""
+    from xinst_jax.serve.batcher import Work
+
+    rows = [p for p in prompts for _ in range(n)]
+    ids = list(range(len(rows))) if seeded else service.batcher.fresh_row_ids(len(rows))
+    work = Work("generate", rows, settings, [max(max_tokens, 1)] * len(rows), ids)
+    result = await asyncio.wrap_future(service.batcher.submit(work))
+    return [result[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+async def run_score(service: Service, sequences: list[list[int]]) -> list[tuple]:
+    from xinst_jax.serve.batcher import Work
+
+    work = Work("score", sequences)
+    return await asyncio.wrap_future(service.batcher.submit(work))
+
+
+def decode_text(service: Service, tokens: list[int], finish: str, stops: list[str]) -> tuple[str, str]:
+    stop_ids = service.base_settings.stop_token_ids
+    if finish == "stop" and tokens and tokens[-1] in stop_ids:
+        tokens = tokens[:-1]
+    text, cut = cut_at_stops(service.tokenizer.decode(tokens), stops)
+    return text, "stop" if cut else finish
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def build_app(service: Service):
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from xinst_jax.serve.batcher import QueueFull
+
+    app = FastAPI(title="xinst_jax")
+    name = service.cfg.serve.model_name
+
+    @app.exception_handler(RequestError)
+    async def request_error(_, e: RequestError):
+        return JSONResponse(error_body(e.message, e.param, e.kind), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return JSONResponse(error_body(first.get("msg", "invalid request"), param, "invalid_request_error"), 400)
+
+    async def json_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError("the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != name:
+            raise RequestError(f"the model '{model}' does not exist (this server serves '{name}')", "model", 404,
+                               "model_not_found")
+        return body
+
+    def overloaded(e: Exception):
+        return JSONResponse(error_body(f"the server is overloaded: {e}; retry later", None, "server_overloaded"), 503)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "batches": service.batcher.batches}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "xinst_jax"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await json_body(request)
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise RequestError("prompt is required", "prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            prompts = [service.prompt_tokens(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+        else:
+            prompts = [service.prompt_tokens(prompt, "prompt")]
+        n, stops = _n(body), _stops(body)
+        max_tokens = _max_tokens(service, body, 16)
+        logprobs = body.get("logprobs")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or
+                                     not 0 <= logprobs <= 5):
+            raise RequestError("logprobs must be an integer from 0 to 5", "logprobs")
+        echo = bool(body.get("echo", False))
+        settings = service.settings_for(body)
+        try:
+            if max_tokens > 0:
+                generated = await run_generate(service, prompts, n, settings, max_tokens, body.get("seed") is not None)
+            else:
+                generated = [[([], "length", len(p), False)] * n for p in prompts]
+            choices = []
+            for i, p in enumerate(prompts):
+                for j, (tokens, finish, _, _) in enumerate(generated[i]):
+                    tokens = list(tokens)[:max_tokens]
+                    text, finish = decode_text(service, tokens, finish, stops)
+                    choice = {"text": (service.tokenizer.decode(p) if echo else "") + text,
+                              "index": i * n + j, "logprobs": None, "finish_reason": finish}
+                    choices.append((choice, p, tokens))
+            if logprobs is not None:
+                scored = await run_score(service, [p + tokens for _, p, tokens in choices])
+                for (choice, p, tokens), (lps, tops, top_lps) in zip(choices, scored):
+                    choice["logprobs"] = logprob_block(service, p, tokens, lps, tops, top_lps, echo)
+        except QueueFull as e:
+            return overloaded(e)
+        except ValueError as e:
+            raise RequestError(str(e), "prompt") from None
+        usage_prompt = sum(len(p) for p in prompts)
+        usage_completion = sum(len(t) for _, _, t in choices)
+        response = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                    "model": name, "choices": [c for c, _, _ in choices],
+                    "usage": {"prompt_tokens": usage_prompt, "completion_tokens": usage_completion,
+                              "total_tokens": usage_prompt + usage_completion}}
+        if body.get("stream"):
+            return StreamingResponse(stream_events(response, chat=False), media_type="text/event-stream")
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await json_body(request)
+        prompt = service.prompt_tokens(chat_prompt(service, body), "messages")
+        n = _n(body)
+        max_tokens = _max_tokens(service, body, service.cfg.serve.default_max_tokens)
+        if max_tokens == 0:
+            raise RequestError("max_tokens must be at least 1", "max_tokens")
+        stops = _stops(body)
+        settings = service.settings_for(body)
+        try:
+            generated = await run_generate(service, [prompt], n, settings, max_tokens, body.get("seed") is not None)
+        except QueueFull as e:
+            return overloaded(e)
+        choices, completion = [], 0
+        for j, (tokens, finish, _, _) in enumerate(generated[0]):
+            text, finish = decode_text(service, list(tokens), finish, stops)
+            completion += len(tokens)
+            choices.append({"index": j, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+        response = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                    "model": name, "choices": choices,
+                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                              "total_tokens": len(prompt) + completion}}
+        if body.get("stream"):
+            return StreamingResponse(stream_events(response, chat=True), media_type="text/event-stream")
+        return response
+
+    return app
+
+
+def logprob_block(service: Service, prompt: list[int], tokens: list[int], lps, tops, top_lps, echo: bool) -> dict:
+    """OpenAI's completions `logprobs`: per token its text, log p, the most likely token with its
+    log p (`top_logprobs`) and its character offset. With echo the prompt's tokens come first (the
+    first has no log p)."""
+    seq = list(prompt) + list(tokens)
+    first = 0 if echo else len(prompt)
+    texts = [service.tokenizer.decode([t]) for t in seq]
+    token_lps: list[Optional[float]] = [None] + [float(x) for x in lps]
+    top: list[Optional[dict]] = [None] + [{service.tokenizer.decode([int(t)]): float(v)} for t, v in zip(tops, top_lps)]
+    offsets, at = [], 0
+    for t in texts:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": texts[first:], "token_logprobs": token_lps[first:], "top_logprobs": top[first:],
+            "text_offset": offsets[first:]}
+
+
+async def stream_events(response: dict, chat: bool):
+    """The finished response as server-sent events: one event per choice's text, then a finishing
+    event per choice, then [DONE]."""
+    base = {k: response[k] for k in ("id", "created", "model")}
+    base["object"] = "chat.completion.chunk" if chat else "text_completion"
+    for c in response["choices"]:
+        if chat:
+            deltas = [{"role": "assistant", "content": ""}, {"content": c["message"]["content"]}]
+            for d in deltas:
+                yield f"data: {json.dumps({**base, 'choices': [{'index': c['index'], 'delta': d, 'finish_reason': None}]}, ensure_ascii=False)}\n\n"
+            end = {"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}
+        else:
+            piece = {"text": c["text"], "index": c["index"], "logprobs": c["logprobs"], "finish_reason": None}
+            yield f"data: {json.dumps({**base, 'choices': [piece]}, ensure_ascii=False)}\n\n"
+            end = {"text": "", "index": c["index"], "logprobs": None, "finish_reason": c["finish_reason"]}
+        yield f"data: {json.dumps({**base, 'choices': [end]}, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def load_service(cfg: Config) -> Service:
+    from xinst_jax.data.tokenizer import load_tokenizer
+    from xinst_jax.infer.job import build_engine, check_tokenizer_fits, load_model, sampling_settings
+    from xinst_jax.runtime import setup_runtime
+    from xinst_jax.serve.batcher import Batcher
+
+    setup_runtime(cfg.distributed)
+    tokenizer = load_tokenizer(cfg.generate.tokenizer, key="generate.tokenizer")
+    model, params, source = load_model(cfg)
+    check_tokenizer_fits(tokenizer, model, "generate.tokenizer")
+    engine = build_engine(cfg, model, params)
+    base = sampling_settings(cfg, model, tokenizer)
+    batcher = Batcher(engine, cfg.serve.max_queue, cfg.serve.batch_wait_ms / 1000.0)
+    log.info("serving %s (%s)", cfg.serve.model_name, source)
+    return Service(cfg, engine, tokenizer, model, batcher, base)
+
+
+def run_server(cfg: Config) -> None:
+    import uvicorn
+
+    if cfg.serve.max_queue < 1:
+        raise ConfigError(f"serve.max_queue: must be >= 1, got {cfg.serve.max_queue}")
+    service = load_service(cfg)
+    app = build_app(service)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
+                                           timeout_graceful_shutdown=600))
+    # uvicorn runs in a thread so that this (main) thread owns SIGTERM / SIGINT: they stop new
+    # connections, the requests in flight finish, and the job returns (exit code 0).
+    def stop(signum, _frame):
+        print(f"serve: {signal.Signals(signum).name}: finishing the requests in flight", flush=True)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=server.run, name="uvicorn")
+    thread.start()
+    print(f"serve: {cfg.serve.model_name} on http://{cfg.serve.host}:{cfg.serve.port}/v1", flush=True)
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        service.batcher.close()
+    print("serve: stopped", flush=True)
+
+
+@register_job("serve")
+def serve_job(cfg: Config) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_server(cfg)
+
