@@ -1,7 +1,7 @@
 """Job `eval_xinst`: how well does a model answer English instructions in each language?
 
     python launch/tpu_run.py --config eval_xinst --set generate.hf_dir=runs/sft_xinst/hf \\
-        --set generate.tokenizer=runs/sft_xinst/hf --set eval.prompts=../shared/data/en_seed/seed_tasks.jsonl
+        --set generate.tokenizer=runs/sft_xinst/hf --set eval.prompts=data/seed_tasks.jsonl
 
 Parts (each runs when its input is set; at least one must be):
 
