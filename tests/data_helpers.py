@@ -68,3 +68,17 @@ def train_small_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 700
     (out_dir / SP_FILE).write_bytes(model)
     save_tokenizer_files(str(out_dir / SP_FILE), str(out_dir))
     return out_dir
+
+
+def tiny_hf_model(out: Path, seed: int) -> Path:
+    """A tiny random-init Llama (the `tiny` preset) exported as a Hugging Face directory: the model
+    of the curation, serving and evaluation tests, where what it writes does not matter."""
+    import jax
+
+    from xinst_jax.config import model_preset
+    from xinst_jax.convert.hf import export_hf
+    from xinst_jax.model.llama import init_params
+
+    cfg = model_preset("tiny")
+    export_hf(init_params(cfg, jax.random.PRNGKey(seed)), cfg, out, dtype="float32")
+    return out

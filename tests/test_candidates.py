@@ -14,14 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import pytest
 
-from xinst_jax.config import ConfigError, load_config, model_preset
-from xinst_jax.convert.hf import export_hf
+from data_helpers import tiny_hf_model, write_jsonl
+from xinst_jax.config import ConfigError, load_config
 from xinst_jax.curate.candidates import run_candidates
 from xinst_jax.data.tokenizer import ByteTokenizer
-from xinst_jax.model.llama import init_params
 from xinst_jax.tasks import Task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,19 +49,10 @@ def udhr_documents(langs=LANGS, per_lang: int = 3) -> list[dict]:
     return docs
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
-                    encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def generator_dir(tmp_path_factory) -> Path:
     """A tiny random-init Llama exported as a Hugging Face directory: the 'generator'."""
-    out = tmp_path_factory.mktemp("generator") / "hf"
-    cfg = model_preset("tiny")
-    export_hf(init_params(cfg, jax.random.PRNGKey(3)), cfg, out, dtype="float32")
-    return out
+    return tiny_hf_model(tmp_path_factory.mktemp("generator") / "hf", seed=3)
 
 
 def job_overrides(tmp_path: Path, corpus: Path, generator: Path, *extra: str) -> list[str]:

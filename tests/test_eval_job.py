@@ -13,16 +13,13 @@ import math
 import re
 from pathlib import Path
 
-import jax
 import pytest
 
-from data_helpers import SHARED_DATA
+from data_helpers import SHARED_DATA, tiny_hf_model, write_jsonl
 from test_judge import PROMPT_TOKENS, FakeOpenAI
-from xinst_jax.config import ConfigError, load_config, model_preset
-from xinst_jax.convert.hf import export_hf
+from xinst_jax.config import ConfigError, load_config
 from xinst_jax.eval.fidelity import answer_fidelity
 from xinst_jax.eval.job import read_prompts, run_eval
-from xinst_jax.model.llama import init_params
 
 LANGS = ["th", "sw", "id"]
 N_PROMPTS = 3
@@ -49,17 +46,9 @@ REFERENCE_WORDS = ["BAD", "GOOD", "OKAY"]  # -> win, loss, tie
 EXPECTED = ["win", "loss", "tie"]
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model") / "hf"
-    cfg = model_preset("tiny")
-    export_hf(init_params(cfg, jax.random.PRNGKey(5)), cfg, out, dtype="float32")
-    return out
+    return tiny_hf_model(tmp_path_factory.mktemp("model") / "hf", seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import pytest
 
-from xinst_jax.config import ConfigError, load_config, model_preset
-from xinst_jax.convert.hf import export_hf
+from data_helpers import tiny_hf_model
+from xinst_jax.config import ConfigError, load_config
 from xinst_jax.curate.evaluator import Rating
 from xinst_jax.curate.filters import InstructionFilter
 from xinst_jax.curate.refine import Models, read_candidates, refine_shard, round_counts, run_refine
-from xinst_jax.model.llama import init_params
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """Two tiny random-init Llamas as Hugging Face directories: generator and evaluator."""
     root = tmp_path_factory.mktemp("models")
-    cfg = model_preset("tiny")
-    for name, seed in (("generator", 1), ("evaluator", 2)):
-        export_hf(init_params(cfg, jax.random.PRNGKey(seed)), cfg, root / name, dtype="float32")
-    return root / "generator", root / "evaluator"
+    return tiny_hf_model(root / "generator", seed=1), tiny_hf_model(root / "evaluator", seed=2)
 
 
 CANDIDATES = [

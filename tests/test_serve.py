@@ -17,15 +17,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
 
-from xinst_jax.config import model_preset  # noqa: E402
-from xinst_jax.convert.hf import export_hf  # noqa: E402
-from xinst_jax.model.llama import init_params  # noqa: E402
+from data_helpers import tiny_hf_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = REPO / "launch" / "tpu_run.py"
@@ -39,10 +36,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("served") / "hf"
-    cfg = model_preset("tiny")
-    export_hf(init_params(cfg, jax.random.PRNGKey(5)), cfg, out, dtype="float32")
-    return out
+    return tiny_hf_model(tmp_path_factory.mktemp("served") / "hf", seed=5)
 
 
 def start_server(model_dir: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen, str]:

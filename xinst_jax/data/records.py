@@ -428,6 +428,24 @@ def _tfds_rows(inp: DataInputConfig) -> Iterator[tuple[int, Any]]:
         yield n, example
 
 
+def json_objects(path, key: str) -> Iterator[tuple[str, dict]]:
+    """(`key: file:line`, object) for every non-blank line of a JSONL file whose schema is not a
+    record's (benchmark items, reference answers); a line that is not a JSON object is a
+    DataError naming `key`, the file and the line."""
+    with open_binary(str(path)) as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{key}: {path}:{n}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise DataError(f"{where}: not a JSON line ({e})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            yield where, obj
+
+
 def write_jsonl(path: str, records: Iterable[dict]) -> int:
     """Write records as UTF-8 JSONL (gzip when the name ends in .gz); returns the count."""
     n = 0

@@ -39,7 +39,6 @@ has few, so its word perplexity is not comparable), the summed log-likelihood, a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from xinst_jax.config import ConfigError
+from xinst_jax.data.records import json_objects
 
 XCOPA_CONNECTORS: dict[str, dict[str, str]] = {
     "et": {"cause": "sest", "effect": "seetõttu"},
@@ -91,29 +91,19 @@ def read_xcopa(path: Path, lang: str, key: str = "eval.xcopa") -> list[dict]:
     if lang not in XCOPA_CONNECTORS:
         raise ConfigError(f"{key}: XCOPA has no language {lang!r} (known: {', '.join(sorted(XCOPA_CONNECTORS))})")
     docs = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{key}: {path}:{n}"
-            try:
-                doc = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise ConfigError(f"{where}: not a JSON line ({e})") from None
-            if not isinstance(doc, dict):
-                raise ConfigError(f"{where}: expected a JSON object")
-            for fld in XCOPA_FIELDS:
-                if fld not in doc:
-                    raise ConfigError(f"{where}: {fld}: missing")
-            for fld in ("premise", "choice1", "choice2"):
-                if not isinstance(doc[fld], str) or not doc[fld].strip():
-                    raise ConfigError(f"{where}: {fld}: expected a non-empty string")
-            if doc["question"] not in ("cause", "effect"):
-                raise ConfigError(f"{where}: question: expected 'cause' or 'effect', got {doc['question']!r}")
-            if doc["label"] not in (0, 1) or isinstance(doc["label"], bool):
-                raise ConfigError(f"{where}: label: expected 0 or 1, got {doc['label']!r}")
-            doc.setdefault("idx", len(docs))
-            docs.append(doc)
+    for where, doc in json_objects(path, key):
+        for fld in XCOPA_FIELDS:
+            if fld not in doc:
+                raise ConfigError(f"{where}: {fld}: missing")
+        for fld in ("premise", "choice1", "choice2"):
+            if not isinstance(doc[fld], str) or not doc[fld].strip():
+                raise ConfigError(f"{where}: {fld}: expected a non-empty string")
+        if doc["question"] not in ("cause", "effect"):
+            raise ConfigError(f"{where}: question: expected 'cause' or 'effect', got {doc['question']!r}")
+        if doc["label"] not in (0, 1) or isinstance(doc["label"], bool):
+            raise ConfigError(f"{where}: label: expected 0 or 1, got {doc['label']!r}")
+        doc.setdefault("idx", len(docs))
+        docs.append(doc)
     if not docs:
         raise ConfigError(f"{key}: {path}: no items")
     return docs

@@ -121,24 +121,16 @@ def read_prompts(path: Path, max_prompts: int = 0, key: str = "eval.prompts") ->
 
 def read_reference(path: Path, key: str = "eval.reference") -> dict[tuple[str, str], str]:
     """(id, lang) -> output from a JSONL of {id, lang, output}."""
+    from xinst_jax.data.records import json_objects
+
     out: dict[tuple[str, str], str] = {}
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{key}: {path}:{n}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise ConfigError(f"{where}: not a JSON line ({e})") from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{where}: expected a JSON object")
-            for fld in ("id", "lang", "output"):
-                if fld not in obj or obj[fld] is None:
-                    raise ConfigError(f"{where}: {fld}: missing")
-            if not isinstance(obj["output"], str) or not isinstance(obj["lang"], str):
-                raise ConfigError(f"{where}: output and lang: expected strings")
-            out[(str(obj["id"]), obj["lang"].strip().lower())] = obj["output"]
+    for where, obj in json_objects(path, key):
+        for fld in ("id", "lang", "output"):
+            if fld not in obj or obj[fld] is None:
+                raise ConfigError(f"{where}: {fld}: missing")
+        if not isinstance(obj["output"], str) or not isinstance(obj["lang"], str):
+            raise ConfigError(f"{where}: output and lang: expected strings")
+        out[(str(obj["id"]), obj["lang"].strip().lower())] = obj["output"]
     return out
 
 
