@@ -30,6 +30,20 @@ wastes reads on slots not yet written. The decode loop therefore runs in segment
 between segments the cache is grown by a copy (once per segment, not per step). Each segment is
 its own `while_loop` in the same jit, so a bucket still compiles once.
 
+Continuous batching (`generate(..., schedule="continuous")`): `batch_size` slots live on the device
+with one KV cache whose index is per row ([B]: each row writes at its own slot). The host prefills
+waiting prompts `refill_size` at a time (the same bucketed left-padded prefill; one compile per
+bucket), chooses their first tokens and moves them into free slots: the prompt's keys and values
+at slots [0, P), segment ids 0 after it, so nothing of the slot's previous row stays visible. A
+jit'd `while_loop` then decodes every slot until `chunk_steps` steps ran or enough slots are free
+for the next group (a runtime threshold: no recompilation), and the host collects finished rows
+(one device-to-host read per chunk). A row keeps exactly what a static batch gives it (prompt
+slots, RoPE positions, PRNG key from (seed, row id), step counter, prefill cache length), so its
+tokens are the static ones: bit for bit in float32 (tests/test_continuous.py;
+benchmarks/continuous_bench.py on SmolLM2). In bfloat16 XLA:CPU rounds attention over a cache of
+another length differently, so rows agree up to bf16 near-ties, as static batches with another
+segment count do. Per-row `max_new_tokens` work in both schedules.
+
 Scoring (`Engine.score`, see score.py) uses the same weights and the model's training-mode call.
 """
 
@@ -39,7 +53,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Sequence
 
 import jax
@@ -50,11 +64,14 @@ from jax.sharding import Mesh
 
 from xinst_jax.config import ModelConfig
 from xinst_jax.infer.buckets import DEFAULT_BUCKETS, pick_bucket
-from xinst_jax.infer.sampling import SamplingSettings, choose_tokens, ngram_banned_mask, row_keys
+from xinst_jax.infer.sampling import (SamplingSettings, candidate_scores, choose_tokens, ngram_banned_mask,
+                                      process_logits_full, row_keys)
 from xinst_jax.infer.score import ScoreOutput, chunk_positions, score_batches, score_rows
 from xinst_jax.model.kv_cache import CACHE_AXES, CACHE_SEGMENT_AXES, KVCache, grow_cache, init_cache
 from xinst_jax.model.llama import DTYPES, abstract_model, logical_axes, merge_lora, unstack_layers
 from xinst_jax.sharding import Rules, activation_sharding, batch_sharding, constrain, tree_shardings
+
+SCHEDULES = ("static", "continuous")
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +95,12 @@ class BatchTiming:
     decode_s: float
     steps: int  # decode-loop iterations actually run (early exit when all rows are done)
     new_tokens: int  # generated tokens over the real rows
+    # Continuous batching appends one record per generate call: bucket = the largest used, steps =
+    # decode steps of all chunks, prefill_s = 0 (prefills run between the decode chunks: the whole
+    # wall time is in decode_s).
+    schedule: str = "static"
+    refills: int = 0  # continuous: prefill-and-insert calls
+    chunks: int = 0  # continuous: decode-loop calls (returns to the host)
 
 
 def decode_segments(n_new: int, max_segments: int, min_steps: int) -> list[int]:
@@ -89,6 +112,31 @@ def decode_segments(n_new: int, max_segments: int, min_steps: int) -> list[int]:
         return []
     k = max(1, min(max_segments, steps // max(min_steps, 1)))
     return [1 + (steps * (j + 1)) // k for j in range(k)]
+
+
+def choose_tokens_per_row(logits: jax.Array, settings: SamplingSettings, keys: jax.Array, steps: jax.Array,
+                          banned: jax.Array | None = None) -> jax.Array:
+    """`sampling.choose_tokens` with each row at its own step (steps [B]; the rows of a continuous
+    batch started at different times): row b draws with fold_in(keys[b], steps[b]), exactly what
+    choose_tokens draws for it at step = steps[b] in a static batch."""
+    if settings.greedy:
+        return choose_tokens(logits, settings, keys, jnp.int32(0), banned)
+
+    def sample(values, ids):
+        def one(key, step, v, i):
+            return i[jax.random.categorical(jax.random.fold_in(key, step), v)]
+
+        return jax.vmap(one)(keys, steps, values, ids)
+
+    values, ids, cut = candidate_scores(logits, settings, banned)
+    if cut is None:
+        return sample(values, ids)
+
+    def full_chain():  # rare: more than TIE_SLOTS tokens tie with the k-th score
+        scores = process_logits_full(logits, settings, banned)
+        return sample(scores, jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape))
+
+    return jax.lax.cond(jnp.any(cut), full_chain, lambda: sample(values, ids))
 
 
 def inference_config(cfg: ModelConfig, weight_dtype: str | None) -> ModelConfig:
@@ -114,13 +162,24 @@ class Engine:
     def __init__(self, params: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rules: Rules | None = None,
                  batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, kv_dtype: str | None = None,
                  weight_dtype: str | None = None, score_buckets: Sequence[int] | None = None,
-                 max_segments: int = 4, min_segment_steps: int = 32, score_logits_bytes: int = 256 << 20):
+                 max_segments: int = 4, min_segment_steps: int = 32, score_logits_bytes: int = 256 << 20,
+                 schedule: str = "static", refill_size: int | None = None, chunk_steps: int = 64):
         """`params`: the model's training params (stacked layers), on any device/sharding.
         `weight_dtype`: weights and compute in this dtype for inference (default: as configured);
         `kv_dtype`: the KV cache's dtype (default: the compute dtype). The decode loop runs in at
         most `max_segments` segments of at least `min_segment_steps` steps, each with a cache just
         long enough for it (1 = one cache for the whole generation). Scoring runs the lm_head over
-        positions in chunks whose float32 logits fit in `score_logits_bytes`."""
+        positions in chunks whose float32 logits fit in `score_logits_bytes`.
+
+        `schedule`: what `generate` does by default: "static" (batches of `batch_size` prompts,
+        each decoded until its last row is done) or "continuous" (`batch_size` slots refilled with
+        waiting prompts as rows finish, `refill_size` prompts per prefill (default batch_size // 8,
+        at least 1, a multiple of the data-parallel shards), at most `chunk_steps` decode steps
+        between returns to the host)."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"prompt buckets must be positive lengths, got {list(buckets)}")
         if max_segments < 1 or min_segment_steps < 1:
@@ -135,8 +194,10 @@ class Engine:
         self.kv_dtype = jnp.dtype(DTYPES[kv_dtype or self.cfg.dtype])
         self.max_segments, self.min_segment_steps = int(max_segments), int(min_segment_steps)
         self.score_logits_bytes = int(score_logits_bytes)
+        self.schedule, self.chunk_steps = schedule, int(chunk_steps)
         self.trace_counts: Counter = Counter()
         self.timings: list[BatchTiming] = []
+        dp = 1
         if mesh is not None:
             if rules is None:
                 raise ValueError("a mesh needs the sharding rules")
@@ -146,6 +207,12 @@ class Engine:
             if self.batch_size % dp:
                 raise ValueError(f"batch_size={self.batch_size} is not divisible by the {dp} data-parallel "
                                  "shards of the mesh (the `batch` rule's axes)")
+        if refill_size is None:
+            refill_size = -(-max(1, self.batch_size // 8) // dp) * dp
+        self.refill_size = int(refill_size)
+        if not 1 <= self.refill_size <= self.batch_size or self.refill_size % dp:
+            raise ValueError(f"refill_size={self.refill_size} must be in [1, batch_size={self.batch_size}] and "
+                             f"divisible by the {dp} data-parallel shards of the mesh")
         model = abstract_model(self.cfg, stack_layers=False)
         self._graphdef = nnx.split(model)[0]
         layout = jax.jit(lambda p: inference_params(p, cfg, self.cfg))
@@ -157,6 +224,9 @@ class Engine:
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("settings",))
         self._score = jax.jit(self._score_impl)
+        self._init_slots = jax.jit(self._init_slots_impl, static_argnames=("rows", "length", "width"))
+        self._refill = jax.jit(self._refill_impl, static_argnames=("settings",), donate_argnames=("state",))
+        self._chunk = jax.jit(self._chunk_impl, static_argnames=("settings",), donate_argnames=("state",))
 
     # ----------------------------------------------------------------- placement helpers
 
@@ -180,29 +250,34 @@ class Engine:
         """Left-padded prompts tokens [B, P], lengths [B] -> (last logits [B, V] float32, cache)."""
         b, p = tokens.shape
         self.trace_counts[("prefill", b, p, max_len)] += 1
-        cfg = self.cfg
         with self._sharding_context():
-            model = nnx.merge(self._graphdef, params)
-            slot = jnp.arange(p, dtype=jnp.int32)[None, :]
-            first = (p - lengths)[:, None]
-            segments = (slot >= first).astype(jnp.int32)
-            positions = jnp.maximum(slot - first, 0)
-            cache = self._constrain_cache(init_cache(cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim,
-                                                     self.kv_dtype))
-            h, cache = model.hidden(tokens, positions, segments, cache)
-            return model.logits(h[:, -1:])[:, 0], cache
+            return self._prefill_body(params, tokens, lengths, max_len)
 
-    def _decode_impl(self, params, cache, logits, history, lengths, done, keys, settings: SamplingSettings):
-        """The decode loop. history [B, P+N]: prompts in [0, P), pads after. Returns
-        (generated [B, N], count [B] (incl. a final stop token), finish [B], loop steps run)."""
+    def _prefill_body(self, params, tokens, lengths, max_len: int):
+        b, p = tokens.shape
+        cfg = self.cfg
+        model = nnx.merge(self._graphdef, params)
+        slot = jnp.arange(p, dtype=jnp.int32)[None, :]
+        first = (p - lengths)[:, None]
+        segments = (slot >= first).astype(jnp.int32)
+        positions = jnp.maximum(slot - first, 0)
+        cache = self._constrain_cache(init_cache(cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim,
+                                                 self.kv_dtype))
+        h, cache = model.hidden(tokens, positions, segments, cache)
+        return model.logits(h[:, -1:])[:, 0], cache
+
+    def _decode_impl(self, params, cache, logits, history, lengths, done, keys, limits, settings: SamplingSettings):
+        """The decode loop. history [B, P+N]: prompts in [0, P), pads after; limits [B]: each row's
+        max new tokens (<= N). Returns (generated [B, N], count [B] (incl. a final stop token),
+        finish [B], loop steps run)."""
         b, s = history.shape
         n_new = settings.max_new_tokens
         p = s - n_new
         self.trace_counts[("decode", b, p, settings)] += 1
         with self._sharding_context():
-            return self._decode_loop(params, cache, logits, history, lengths, done, keys, settings)
+            return self._decode_loop(params, cache, logits, history, lengths, done, keys, limits, settings)
 
-    def _decode_loop(self, params, cache, logits, history, lengths, done, keys, settings: SamplingSettings):
+    def _decode_loop(self, params, cache, logits, history, lengths, done, keys, limits, settings: SamplingSettings):
         b, s = history.shape
         n_new = settings.max_new_tokens
         p = s - n_new
@@ -235,7 +310,7 @@ class Engine:
             stop &= ~done
             count = jnp.where(done, count, i + 1)
             finish = jnp.where(stop, FINISH_STOP, finish)
-            return history, done | stop, finish, count
+            return history, done | stop | (count >= limits), finish, count
 
         zeros = jnp.zeros((b,), jnp.int32)
         history, done, finish, count = select(0, logits, history, done, zeros, zeros)
@@ -270,20 +345,166 @@ class Engine:
         bucket + i - 1 (the prompt fills slots 0 .. bucket-1)."""
         return bucket + max(end - 1, 0)
 
+    # ----------------------------------------------------------------- continuous batching (compiled)
+    #
+    # The device holds `rows` slots, a dict of arrays whose first axis is the slot:
+    #   cache     KVCache, index [rows]: each slot writes at its own cache slot
+    #   history   [rows, W] tokens by cache slot: the left-padded prompt in [0, base), token i at base + i
+    #   first     slot of the prompt's first real token; base: the prompt bucket; lengths: prompt tokens
+    #   step      tokens generated so far; limit: the row's max new tokens; keys: its PRNG key
+    #   done      the slot is free or its row finished (and waits for the host); finish: why
+    # A slot's layout is the one a static batch gives the row (prompt slots, positions, key, step),
+    # so its tokens are the ones static batching gives it.
+
+    @staticmethod
+    def _constrain_rows(x: jax.Array) -> jax.Array:
+        return constrain(x, ("cache_batch",) + (None,) * (x.ndim - 1))
+
+    def _init_slots_impl(self, rows: int, length: int, width: int):
+        """Empty slots (all free) with a KV cache of `length` slots and a history `width` wide."""
+        self.trace_counts[("init_slots", rows, length, width)] += 1
+        cfg = self.cfg
+        with self._sharding_context():
+            cache = init_cache(cfg.num_layers, rows, length, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
+            cache = self._constrain_cache(dataclasses.replace(cache, index=jnp.zeros((rows,), jnp.int32)))
+            zeros = jnp.zeros((rows,), jnp.int32)
+            state = dict(history=jnp.zeros((rows, width), jnp.int32), first=zeros, base=zeros, lengths=zeros,
+                         step=zeros, limit=zeros + 1, done=jnp.ones((rows,), bool), finish=zeros,
+                         keys=jnp.zeros((rows, 2), jnp.uint32))
+            state = {k: self._constrain_rows(v) for k, v in state.items()}
+            return dict(cache=cache, **state)
+
+    def _select_rows(self, logits, rows: dict, settings: SamplingSettings) -> dict:
+        """Choose each unfinished row's token number `step` (at history slot base + step) from its
+        logits [B, V]: the static loop's `select` with a step and a slot per row."""
+        history, first, step, done = rows["history"], rows["first"], rows["step"], rows["done"]
+        width = history.shape[1]
+        cur = rows["base"] + step
+        vocab = logits.shape[-1]
+        banned = None
+        if settings.no_repeat_ngram > 0:
+            n = settings.no_repeat_ngram
+            banned = jax.vmap(lambda h, f, c: ngram_banned_mask(h[None], f[None], c, n, vocab)[0])(history, first, cur)
+        if settings.min_new_tokens > 0 and settings.stop_token_ids:
+            stop_vocab = jnp.zeros((vocab,), bool).at[jnp.asarray(settings.stop_token_ids, jnp.int32)].set(
+                True, mode="drop")
+            early = stop_vocab[None, :] & (step < settings.min_new_tokens)[:, None]
+            banned = early if banned is None else banned | early
+        tok = choose_tokens_per_row(logits, settings, rows["keys"], step, banned)
+        at = jnp.minimum(cur, width - 1)
+        old = jnp.take_along_axis(history, at[:, None], axis=1)[:, 0]
+        tok = jnp.where(done, settings.pad_id, tok)
+        history = jax.vmap(lambda h, t, c: jax.lax.dynamic_update_slice(h, t[None], (c,)))(
+            history, jnp.where(done, old, tok), at)  # a finished row's tokens stay as they are
+        stop_ids = jnp.asarray(settings.stop_token_ids or (-1,), jnp.int32)
+        stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        for q in settings.stop_sequences:
+            m = len(q)
+            if m <= width:
+                q = jnp.asarray(q, jnp.int32)
+                tail = jax.vmap(lambda h, c: jax.lax.dynamic_slice_in_dim(h, c, m))(history, jnp.maximum(cur - m + 1, 0))
+                stop |= jnp.all(tail == q[None, :], axis=-1) & (cur - m + 1 >= first)
+        stop &= ~done
+        step = jnp.where(done, step, step + 1)
+        finish = jnp.where(stop, FINISH_STOP, rows["finish"])
+        return dict(rows, history=history, step=step, finish=finish, done=done | stop | (step >= rows["limit"]))
+
+    def _refill_impl(self, params, state, tokens, lengths, slots, limits, keys, settings: SamplingSettings):
+        """Prefill a group of left-padded prompts (tokens [G, P], the static path's prefill), choose
+        their first tokens, and move them into the free `slots` [G] of `state` (slot == rows: a
+        padding entry of the group, dropped). Each slot's cache row gets the prompt's keys and
+        values in [0, P) and empty (segment 0) slots after it: nothing of its previous row stays
+        visible."""
+        g, p = tokens.shape
+        rows, width = state["history"].shape
+        length = state["cache"].length
+        self.trace_counts[("refill", g, p, rows, length, settings)] += 1
+        with self._sharding_context():
+            # The static path's prefill cache length for this bucket: XLA computes a cache exactly
+            # as long as the prompt differently (the write covers the whole buffer), and the rows'
+            # logits would differ in the last bits from static batching's.
+            max_len = self.cache_length(p, (self.segment_ends(settings.max_new_tokens) or [1])[0])
+            logits, group_cache = self._prefill_body(params, tokens, lengths, max_len=max_len)
+            zeros = jnp.zeros((g,), jnp.int32)
+            group = dict(history=jnp.concatenate([tokens, jnp.full((g, width - p), settings.pad_id, jnp.int32)], 1),
+                         first=p - lengths, base=zeros + p, lengths=lengths, step=zeros, limit=limits,
+                         done=jnp.zeros((g,), bool), finish=zeros, keys=keys)
+            group = self._select_rows(logits, group, settings)
+            out = {k: self._constrain_rows(state[k].at[slots].set(v, mode="drop")) for k, v in group.items()}
+            cache = state["cache"]
+
+            def put(buffer, new):
+                return buffer.at[slots, :, :p, :].set(new.astype(buffer.dtype), mode="drop")
+
+            segments = jnp.pad(group_cache.segment_ids[:, :p], ((0, 0), (0, length - p)))
+            group_k = [x[:, :, :p] for x in group_cache.k]
+            group_v = [x[:, :, :p] for x in group_cache.v]
+            out["cache"] = self._constrain_cache(KVCache(
+                jax.tree.map(put, cache.k, group_k), jax.tree.map(put, cache.v, group_v),
+                cache.segment_ids.at[slots].set(segments, mode="drop"), cache.index.at[slots].set(p, mode="drop")))
+            return out
+
+    def _chunk_impl(self, params, state, threshold, max_steps, settings: SamplingSettings):
+        """Decode steps for every slot until `max_steps` steps ran or at least `threshold` slots are
+        done (free or finished). Returns (steps run, state)."""
+        rows, width = state["history"].shape
+        length = state["cache"].length
+        self.trace_counts[("chunk", rows, length, width, settings)] += 1
+        with self._sharding_context():
+            model = nnx.merge(self._graphdef, params)
+
+            def cond(carry):
+                i, state = carry
+                return (i < max_steps) & (jnp.sum(state["done"].astype(jnp.int32)) < threshold)
+
+            def body(carry):
+                i, state = carry
+                step = state["step"]
+                last = jnp.clip(state["base"] + step - 1, 0, width - 1)  # the slot of the previous token
+                prev = jnp.take_along_axis(state["history"], last[:, None], axis=1)
+                positions = jnp.maximum(state["lengths"] + step - 1, 0)[:, None]
+                cache = dataclasses.replace(state["cache"], index=jnp.minimum(last, length - 1))
+                h, cache = model.hidden(prev, positions, jnp.ones_like(prev), self._constrain_cache(cache))
+                logits = model.logits(h)[:, 0]
+                rows = self._select_rows(logits, {k: v for k, v in state.items() if k != "cache"}, settings)
+                return i + 1, dict(rows, cache=self._constrain_cache(cache))
+
+            return jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+
     # ----------------------------------------------------------------- host API
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings,
-                 row_ids: Sequence[int] | None = None) -> GenerationOutput:
+                 row_ids: Sequence[int] | None = None, max_new_tokens: Sequence[int] | None = None,
+                 schedule: str | None = None) -> GenerationOutput:
         """Generate for every prompt (token lists, each non-empty). `row_ids` (default 0..n-1)
-        seed each row's sampling: the same id and seed give the same sample in any batch."""
+        seed each row's sampling: the same id and seed give the same sample in any batch.
+        `max_new_tokens`: each prompt's own limit (default: all `settings.max_new_tokens`, which
+        caps them); a row reaching its limit finishes "length". `schedule` (default: the
+        engine's): "static" or "continuous" batching; both give the same tokens."""
         settings.validate()
+        schedule = schedule or self.schedule
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         n = len(prompts)
         row_ids = list(range(n)) if row_ids is None else list(row_ids)
         if len(row_ids) != n:
             raise ValueError(f"{len(row_ids)} row ids for {n} prompts")
+        cap = settings.max_new_tokens
+        if max_new_tokens is None:
+            limits = [cap] * n
+        else:
+            if len(max_new_tokens) != n:
+                raise ValueError(f"{len(max_new_tokens)} max_new_tokens for {n} prompts")
+            if any(int(m) < 1 for m in max_new_tokens):
+                raise ValueError("max_new_tokens must be >= 1 for every prompt")
+            limits = [min(int(m), cap) for m in max_new_tokens]
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty (add a BOS token)")
+        if n == 0:
+            return GenerationOutput([], [], [], [])
+        if schedule == "continuous":
+            return self._generate_continuous(prompts, settings, row_ids, limits)
         max_bucket = self.buckets[-1]
         tokens_out: list[list[int]] = [[] for _ in range(n)]
         finish_out = ["length"] * n
@@ -299,13 +520,15 @@ class Engine:
             lengths = np.zeros((bsz,), np.int32)
             done = np.ones((bsz,), bool)  # batch-padding rows start finished
             ids = np.zeros((bsz,), np.int64)
+            row_limits = np.full((bsz,), cap, np.int32)
             for r, i in enumerate(idx):
                 prompt = list(prompts[i])[-bucket:]
                 tokens[r, bucket - len(prompt):] = prompt
                 lengths[r] = len(prompt)
                 done[r] = False
                 ids[r] = row_ids[i]
-            generated, count, finish, timing = self._run_batch(tokens, lengths, done, ids, settings)
+                row_limits[r] = limits[i]
+            generated, count, finish, timing = self._run_batch(tokens, lengths, done, ids, settings, row_limits)
             timing.rows = len(idx)
             timing.new_tokens = int(count[:len(idx)].sum())
             self.timings.append(timing)
@@ -314,8 +537,72 @@ class Engine:
                 finish_out[i] = FINISH_NAMES[int(finish[r])]
         return GenerationOutput(tokens_out, finish_out, used, truncated)
 
+    def _generate_continuous(self, prompts, settings: SamplingSettings, row_ids: list[int], limits: list[int]
+                             ) -> GenerationOutput:
+        """Continuous batching: `batch_size` slots on the device; the host prefills waiting prompts
+        (shortest first, `refill_size` at a time, each group in its own bucket) into free slots,
+        then runs the decode chunk until enough slots are free for the next group, and collects
+        the rows that finished. One device-to-host read per chunk, not per token."""
+        n = len(prompts)
+        max_bucket = self.buckets[-1]
+        used = [min(len(p), max_bucket) for p in prompts]
+        truncated = [len(p) > max_bucket for p in prompts]
+        tokens_out: list[list[int]] = [[] for _ in range(n)]
+        finish_out = ["length"] * n
+        rows, group = self.batch_size, self.refill_size
+        cap = settings.max_new_tokens
+        top = pick_bucket(max(used), self.buckets)
+        # slot top + cap - 1 is the last a row ever writes; the history has one spare slot
+        state = self._init_slots(rows=rows, length=self.cache_length(top, cap), width=top + cap + 1)
+        keys = np.asarray(row_keys(settings.seed, np.asarray(row_ids, np.int64).astype(np.uint32)))
+        waiting = deque(sorted(range(n), key=lambda i: used[i]))
+        free = list(range(rows))
+        running: dict[int, int] = {}  # slot -> prompt index
+        refills = chunks = steps = 0
+        t0 = time.perf_counter()
+        while True:
+            while waiting and len(free) >= min(group, len(waiting)):
+                idx = [waiting.popleft() for _ in range(min(group, len(waiting)))]
+                bucket = pick_bucket(max(used[i] for i in idx), self.buckets)
+                tokens = np.full((group, bucket), settings.pad_id, np.int32)
+                lengths = np.zeros((group,), np.int32)
+                slots = np.full((group,), rows, np.int32)  # `rows`: a padding entry (dropped)
+                row_limits = np.ones((group,), np.int32)
+                group_keys = np.zeros((group, 2), np.uint32)
+                for r, i in enumerate(idx):
+                    prompt = list(prompts[i])[-bucket:]
+                    tokens[r, bucket - len(prompt):] = prompt
+                    lengths[r] = len(prompt)
+                    slots[r] = free.pop(0)
+                    row_limits[r] = limits[i]
+                    group_keys[r] = keys[i]
+                    running[int(slots[r])] = i
+                state = self._refill(self.params, state, self._put(tokens), self._put(lengths), self._put(slots),
+                                     self._put(row_limits), self._put(group_keys), settings=settings)
+                refills += 1
+            if not running:
+                break
+            threshold = min(group, len(waiting)) if waiting else rows
+            ran, state = self._chunk(self.params, state, np.int32(threshold), np.int32(self.chunk_steps),
+                                     settings=settings)
+            done, count, finish, ran = jax.device_get((state["done"], state["step"], state["finish"], ran))
+            chunks += 1
+            steps += int(ran)
+            finished = [r for r in running if done[r]]
+            if finished:
+                history, base = jax.device_get((state["history"], state["base"]))
+                for r in finished:
+                    i = running.pop(r)
+                    tokens_out[i] = history[r, base[r]:base[r] + count[r]].tolist()
+                    finish_out[i] = FINISH_NAMES[int(finish[r])]
+                free = sorted(free + finished)
+        self.timings.append(BatchTiming(bucket=top, rows=n, prefill_s=0.0, decode_s=time.perf_counter() - t0,
+                                        steps=steps, new_tokens=sum(len(t) for t in tokens_out),
+                                        schedule="continuous", refills=refills, chunks=chunks))
+        return GenerationOutput(tokens_out, finish_out, used, truncated)
+
     def _run_batch(self, tokens: np.ndarray, lengths: np.ndarray, done: np.ndarray, ids: np.ndarray,
-                   settings: SamplingSettings):
+                   settings: SamplingSettings, limits: np.ndarray):
         bsz, bucket = tokens.shape
         n_new = settings.max_new_tokens
         history = np.concatenate([tokens, np.full((bsz, n_new), settings.pad_id, np.int32)], axis=1)
@@ -327,7 +614,7 @@ class Engine:
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
         out = self._decode(self.params, cache, logits, self._put(history), self._put(lengths), self._put(done),
-                           self._put(keys), settings=settings)
+                           self._put(keys), self._put(limits), settings=settings)
         generated, count, finish, steps = jax.device_get(out)
         t2 = time.perf_counter()
         timing = BatchTiming(bucket=bucket, rows=bsz, prefill_s=t1 - t0, decode_s=t2 - t1, steps=int(steps),

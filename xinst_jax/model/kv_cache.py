@@ -27,7 +27,7 @@ class KVCache:
     k: Any  # per-layer list of [B, KV, S, D], or one [layers, B, KV, S, D] array for scanned layers
     v: Any
     segment_ids: jax.Array  # [B, S] int32: the segment of the token in each slot (0: empty / padding)
-    index: jax.Array  # [] int32: the slot the next token is written to
+    index: jax.Array  # [] int32: the slot the next token is written to; [B]: each row's own slot
 
     @property
     def length(self) -> int:
@@ -64,22 +64,30 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
 
 
 def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """buffer [B, KV, S, D] with new [B, KV, T, D] written from slot `index`, in place.
+    """buffer [B, KV, S, D] with new [B, KV, T, D] written from slot `index`, in place: one slot
+    for every row (index []) or each row's own (index [B]: a per-row update, i.e. a scatter).
 
     On XLA:CPU 16-bit floats are written through their uint16 bits: it otherwise widens a
     bfloat16 dynamic-update-slice to float32, converting the whole cache there and back. Only
     there: on TPU the bit casts are two whole-cache copies per layer and step, and the write no
-    longer lands in the donated buffer (launch/aot_check.py --mode decode measures it)."""
+    longer lands in the donated buffer (launch/aot_check.py --mode decode measures it). A per-row
+    write of one slot is a select over the cache there instead (a 16-bit scatter on XLA:CPU is
+    ~6x slower than rewriting the whole cache)."""
     new = new.astype(buffer.dtype)
 
-    def plain(buffer, new, index):
-        return jax.lax.dynamic_update_slice(buffer, new, (0, 0, index, 0))
+    def update(buffer, new, index):
+        if index.ndim == 0:
+            return jax.lax.dynamic_update_slice(buffer, new, (0, 0, index, 0))
+        return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (0, i, 0)))(buffer, new, index)
 
     def through_bits(buffer, new, index):
-        bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(buffer, jnp.uint16),
-                                            jax.lax.bitcast_convert_type(new, jnp.uint16), (0, 0, index, 0))
+        if index.ndim == 1 and new.shape[2] == 1:
+            hit = jnp.arange(buffer.shape[2], dtype=index.dtype)[None, :] == index[:, None]
+            return jnp.where(hit[:, None, :, None], new, buffer)
+        bits = update(jax.lax.bitcast_convert_type(buffer, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16),
+                      index)
         return jax.lax.bitcast_convert_type(bits, buffer.dtype)
 
     if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating):
-        return plain(buffer, new, index)
-    return jax.lax.platform_dependent(buffer, new, index, cpu=through_bits, default=plain)
+        return update(buffer, new, index)
+    return jax.lax.platform_dependent(buffer, new, index, cpu=through_bits, default=update)

@@ -251,7 +251,8 @@ class LlamaForCausalLM(nnx.Module):
 
         Without a cache: packed rows, each token attending to earlier tokens of its segment.
         With one: the tokens go to slots index .. index+T-1 (their segment ids too), and attend to
-        every earlier slot of their segment, the new ones included; the cache's index advances."""
+        every earlier slot of their segment, the new ones included; the cache's index advances.
+        A cache whose index is [B] holds each row's own write slot (rows at different steps)."""
         cfg = self.cfg
         h = constrain(jnp.take(self.embed.embedding[...], tokens, axis=0).astype(DTYPES[cfg.dtype]), BTE)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg))
@@ -264,10 +265,16 @@ class LlamaForCausalLM(nnx.Module):
             h, _ = self._run_layers(h, cos, sin, mask, None, None)
             return h, None
         index = cache.index
-        segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
+        if index.ndim == 0:  # one write slot for every row
+            segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
+            q_slot = q_index + index
+        else:  # index [B]: each row writes at its own slot (continuous batching)
+            segments = jax.vmap(lambda s, n, i: jax.lax.dynamic_update_slice(s, n, (i,)))(
+                cache.segment_ids, segment_ids.astype(jnp.int32), index)
+            q_slot = q_index + index[:, None]
         segments = constrain(segments, CACHE_SEGMENT_AXES)
         kv_index = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32), (b, cache.length))
-        mask = segment_causal_mask(segment_ids, segments, q_index + index, kv_index)  # once, not per layer
+        mask = segment_causal_mask(segment_ids, segments, q_slot, kv_index)  # once, not per layer
         h, (k, v) = self._run_layers(h, cos, sin, mask, (cache.k, cache.v), index)
         return h, KVCache(k, v, segments, index + t)
 
