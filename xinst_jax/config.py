@@ -177,6 +177,9 @@ class GenerateConfig:
     prompt_buckets: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # longer prompts lose their start
     weight_dtype: Literal["", "float32", "bfloat16"] = ""  # "": as loaded (model.param_dtype)
     kv_dtype: Literal["", "float32", "bfloat16"] = ""  # "": float32
+    # continuous: rows that finish are refilled with waiting prompts (a batch never waits on its
+    # longest row); static: batches of batch_size prompts, each decoded to its end. Same tokens.
+    schedule: Literal["continuous", "static"] = "continuous"
     decode_segments: int = 4  # the decode loop runs in up to this many segments, its KV cache growing between them (1: one full-length cache)
     seed: int = 0  # sampling seed; a record's sample depends only on (seed, its index in the input)
     shard_size: int = 64  # records per output shard: the unit of resume
@@ -382,7 +385,6 @@ class CurateConfig:
     instruction_filters: InstructionFilterConfig = field(default_factory=InstructionFilterConfig)
     samples: int = 1  # English instructions sampled per kept document
     shard_size: int = 256  # documents per candidates shard: the unit of resume
-    continuous_batching: bool = True  # refill finished rows with waiting prompts
     # ratings: seed pairs {id, lang, instruction, output} -> {id, lang, instruction, output, label}
     seed_pairs: list[DataInputConfig] = field(default_factory=list)
     # refine

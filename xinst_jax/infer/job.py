@@ -160,7 +160,8 @@ def build_engine(cfg: Config, model: ModelConfig, params: Any) -> "Any":
     try:
         return Engine(params, model, mesh=mesh, rules=parse_rules(cfg.mesh.rules), batch_size=gen.batch_size,
                       buckets=gen.prompt_buckets, kv_dtype=gen.kv_dtype or None,
-                      weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments)
+                      weight_dtype=gen.weight_dtype or None, max_segments=gen.decode_segments,
+                      schedule=gen.schedule)
     except ValueError as e:
         raise ConfigError(f"generate: {e}") from None
 
