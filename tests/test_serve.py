@@ -229,3 +229,31 @@ def test_full_queue_answers_503_and_sigterm_drains(model_dir, tmp_path):
         assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()
+
+
+def test_our_server_as_the_judges_endpoint(server, tmp_path):
+    """The judge (eval/judge.py) over our own server: both orders asked, replies that hold no
+    scores (a random model) counted as unparseable, tokens counted, a rerun served from the cache."""
+    from xinst_jax.eval.judge import ChatClient, Judge, PairItem, ReplyCache, summarize
+
+    items = [PairItem("q1", "sw", "Describe a market.", "Soko ni mahali pa biashara.", "Soko."),
+             PairItem("q2", "th", "Name a fruit.", "กล้วย", "ส้ม")]
+
+    def run():
+        client = ChatClient(server + "/v1", "xinst", "", retries=1, backoff_s=0.01,
+                            cache=ReplyCache(tmp_path / "cache.jsonl"))
+        return client, Judge(client, max_tokens=8, concurrency=2).judge(items)
+
+    client, verdicts = run()
+    assert [v.id for v in verdicts] == ["q1", "q2"]
+    for v in verdicts:
+        assert v.review_ours_first is not None and v.review_theirs_first is not None  # both orders answered
+        if v.ours_first is None or v.theirs_first is None:
+            assert v.outcome == "unparseable"
+    stats = client.stats.to_dict()
+    assert stats["requests"] == 4 and stats["completion_tokens"] > 0 and stats["prompt_tokens"] > 0
+    summary = summarize(verdicts)
+    assert summary["all"]["unparseable"] == sum(v.outcome == "unparseable" for v in verdicts)
+    again_client, again = run()
+    assert [v.outcome for v in again] == [v.outcome for v in verdicts]
+    assert again_client.stats.to_dict()["requests"] == 0
