@@ -97,7 +97,8 @@ def evaluator_config(tmp_path, *extra: str):
     return load_config("evaluator_xinst", [
         f"run_dir={tmp_path / 'run'}", "model.preset=tiny", "model.vocab_size=259", "model.embed_dim=32",
         "model.head_dim=8", "model.mlp_dim=64", "model.max_seq_len=512", "model.dtype=float32", "model.remat=none",
-        "train.seq_len=512", "generate.tokenizer=bytes", "generate.batch_size=4", "generate.prompt_buckets=[512]", "mesh.num_devices=1",
+        "train.seq_len=512", "generate.tokenizer=bytes", "generate.batch_size=4", "generate.prompt_buckets=[512]",
+        "mesh.num_devices=1",
         *extra])
 
 
@@ -132,7 +133,8 @@ def test_load_evaluator_from_checkpoint_or_hf_dir(tmp_path):
     export_hf(init_params(small, jax.random.key(0)), small, tmp_path / "small", dtype="float32")
     with pytest.raises(ConfigError, match=r"^generate.tokenizer: bytes has 259 tokens but the evaluator's vocabulary "
                                           r"\(hf .*small\) is 200$"):
-        load_evaluator(evaluator_config(tmp_path, "model.vocab_size=200", f"curate.evaluator_hf_dir={tmp_path / 'small'}"))
+        load_evaluator(evaluator_config(tmp_path, "model.vocab_size=200",
+                                        f"curate.evaluator_hf_dir={tmp_path / 'small'}"))
 
 
 # --------------------------------------------------------------------------- it learns
