@@ -480,7 +480,8 @@ class Engine:
         seed each row's sampling: the same id and seed give the same sample in any batch.
         `max_new_tokens`: each prompt's own limit (default: all `settings.max_new_tokens`, which
         caps them); a row reaching its limit finishes "length". `schedule` (default: the
-        engine's): "static" or "continuous" batching; both give the same tokens."""
+        engine's): "static" or "continuous" batching; both give a row the same tokens (bit for bit
+        in float32; in bfloat16 up to near-ties, see the module notes)."""
         settings.validate()
         schedule = schedule or self.schedule
         if schedule not in SCHEDULES:
