@@ -43,7 +43,13 @@ def write_inputs(root: Path) -> tuple[Path, Path]:
 
 
 def overrides(root: Path, seed: Path, corpus: Path, *extra: str) -> list[str]:
-    small = {"train.steps": 8, "train.batch_size": 4, "train.seq_len": 128, "checkpoint.every": 3,
+    # every stage a tiny Llama on this CPU (the test's own settings: pipeline_demo may change)
+    small = {"model.preset": "tiny", "model.dtype": "float32", "model.param_dtype": "float32", "model.remat": "none",
+             "model.max_seq_len": 512, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.num_devices": 1,
+             "data.num_shards": 2, "data.overlong": "truncate", "data.shuffle_buffer": 200, "train.learning_rate": 3e-3,
+             "train.log_every": 50, "checkpoint.keep": 1, "export.dtype": "float32", "generate.weight_dtype": "float32",
+             "generate.kv_dtype": "float32", "generate.progress": False,
+             "train.steps": 8, "train.batch_size": 4, "train.seq_len": 128, "checkpoint.every": 3,
              "checkpoint.async_save": False, "train.warmup_steps": 2, "data.tokenizer_vocab_size": 600,
              "generate.max_new_tokens": 12, "generate.min_new_tokens": 8, "generate.batch_size": 8,
              "generate.prompt_buckets": [128, 512], "curate.shard_size": 4, "curate.fresh_instructions": 1,
@@ -56,7 +62,7 @@ def overrides(root: Path, seed: Path, corpus: Path, *extra: str) -> list[str]:
 
 
 def command(root: Path, seed: Path, corpus: Path, *extra: str) -> list[str]:
-    args = [sys.executable, str(ENTRY), "--config", "pipeline_demo", "--set", "job=pipeline"]
+    args = [sys.executable, str(ENTRY), "--config", "xinst_pipeline"]
     for o in overrides(root, seed, corpus, *extra):
         args += ["--set", o]
     return args
@@ -135,13 +141,13 @@ def test_kill_9_in_three_stages_then_rerun_gives_the_same_data_and_weights(tmp_p
 
 def test_seed_pairs_counted_and_a_language_without_any_refused(tmp_path, capsys):
     seed, corpus = write_inputs(tmp_path)
-    cfg = load_config("pipeline_demo", ["job=pipeline"] + overrides(tmp_path, seed, corpus)[1:] +
+    cfg = load_config("xinst_pipeline", overrides(tmp_path, seed, corpus)[1:] +
                       ['data.languages=["th", "sw", "ta"]'])
     with pytest.raises(ConfigError, match=r"pipeline.seed_pairs: no seed pairs for ta;"):
         Pipeline(cfg).run()
     per_lang = sum(1 for line in seed.read_text(encoding="utf-8").splitlines() if '"lang": "th"' in line)
     assert f"seed pairs per language: th {per_lang}, sw {per_lang}, ta 0" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="pipeline.from_stage: unknown stage 'nope'"):
-        Pipeline(load_config("pipeline_demo", ["pipeline.from_stage=nope"]))
+        Pipeline(load_config("xinst_pipeline", ["pipeline.from_stage=nope"]))
     with pytest.raises(ConfigError, match="pipeline.stages: unknown stage"):
-        Pipeline(load_config("pipeline_demo", ["pipeline.stages={sfts: {}}"]))
+        Pipeline(load_config("xinst_pipeline", ["pipeline.stages={sfts: {}}"]))
