@@ -1,10 +1,11 @@
 # Two commands on a fresh machine with Python 3.11+:  `make demo`  and  `make test`.
+# The whole pipeline on CPU with ground-truth figures against baselines (~12 min):  `make pipeline-demo`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-quick setup setup-test clean
+.PHONY: demo pipeline-demo test test-quick setup setup-test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ setup-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(PY) launch/tpu_run.py --config demo
+
+pipeline-demo: $(VENV)/.installed
+	$(PY) launch/tpu_run.py --config pipeline_demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
