@@ -375,7 +375,7 @@ def fit_length_rater(ratings: list[dict], labels: Sequence[str]) -> dict:
             if acc > best[0]:
                 best = (acc, (float(cuts[a]), float(cuts[b]), [labels[k] for k in assign]))
     acc, (t1, t2, assign) = best
-    return {"thresholds": [round(t1, 1), round(t2, 1)], "labels": assign, "train_accuracy": acc}
+    return {"thresholds": [round(t1, 1), round(t2, 1)], "labels": assign, "train_accuracy": float(acc)}
 
 
 def apply_length_rater(rater: dict, records: list[dict]) -> list[str]:
