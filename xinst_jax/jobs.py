@@ -30,6 +30,8 @@ JOB_MODULES: dict[str, tuple[str, str]] = {
     "serve": ("xinst_jax.serve.server", "OpenAI-compatible HTTP server over the engine (completions, chat, streaming)"),
     "eval_xinst": ("xinst_jax.eval.job", "answers in every language -> fidelity, judge win rates, XCOPA, perplexity "
                    "-> report.md"),
+    "pipeline_demo": ("xinst_jax.curate.pipeline_demo", "the pipeline on CPU on real text in ten languages, with "
+                      "ground-truth figures against baselines (report.md)"),
 }
 
 _REGISTRY: dict[str, JobFn] = {}
