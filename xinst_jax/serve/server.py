@@ -41,6 +41,7 @@ from fastapi import Request  # at module level: the handlers' annotations are re
 
 from xinst_jax.config import Config, ConfigError
 from xinst_jax.jobs import register_job
+from xinst_jax.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class Service:
                                    max_new_tokens=self.cfg.serve.max_tokens_limit)
 
     def prompt_tokens(self, prompt: Any, param: str) -> list[int]:
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer.prefix_ids) + self.tokenizer.encode(prompt, add_special_tokens=False)
+        if isinstance(prompt, str):  # the raw Task: a text is prompted as `generate` and `prepare` prompt it
+            ids = Task("raw", self.tokenizer).prompt_tokens({"prompt": prompt}) if prompt else []
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in prompt):
             ids = list(prompt)
