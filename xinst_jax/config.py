@@ -82,6 +82,9 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     remat: Literal["none", "dots_saveable", "full"] = "none"
+    # Attention over packed rows (model/attention.py): splash (TPU), cudnn (GPU, bf16/fp16), the
+    # xla reference; auto picks by platform. Prefill and decode with a KV cache use xla.
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: Optional[int] = None
@@ -95,7 +98,7 @@ class ModelConfig:
 
 # ModelConfig fields by what a checkpoint fixes. Weight shapes: weights load only into the same
 # numbers. The rest of the architecture: the weights load under other values but were trained
-# with these. Every other field (dtype, param_dtype, scan_layers, remat, init_std, LoRA) is a
+# with these. Every other field (dtype, param_dtype, scan_layers, remat, attention, init_std, LoRA) is a
 # run-time choice, ours to make for any weights.
 WEIGHT_SHAPE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                        "mlp_dim", "tie_embeddings")

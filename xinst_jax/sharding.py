@@ -174,6 +174,18 @@ def activation_sharding(mesh: Mesh, rules: Rules):
         _ACTIVE.reset(token)
 
 
+def active_mesh_and_rules() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `activation_sharding`, if any."""
+    return _ACTIVE.get()
+
+
+def compile_platform() -> str:
+    """The platform being traced for: the active mesh's devices (a TPU topology when compiling
+    ahead of time on a CPU host), else the default backend."""
+    active = _ACTIVE.get()
+    return active[0].devices.flat[0].platform if active else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding constraint from logical axis names; a no-op outside `activation_sharding`."""
     active = _ACTIVE.get()

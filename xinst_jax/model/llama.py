@@ -33,6 +33,7 @@ never crosses segments (segment 0 = padding), in packed rows and in the cache al
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -40,10 +41,10 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from xinst_jax.config import ModelConfig
-from xinst_jax.model.attention import gqa_attention, segment_causal_mask
+from xinst_jax.model.attention import FusedMask, attend, choose_kernel, segment_causal_mask
 from xinst_jax.model.kv_cache import CACHE_AXES, CACHE_SEGMENT_AXES, KVCache, write_slots
 from xinst_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
-from xinst_jax.sharding import constrain
+from xinst_jax.sharding import compile_platform, constrain
 
 Params = dict[str, Any]
 
@@ -102,13 +103,51 @@ class LoRA(nnx.Module):
         return jax.lax.dot_general(low, b, (((low.ndim - 1,), (0,)), ((), ()))) * self.scale
 
 
+def _transposed_specs(spec: str) -> tuple[str, str]:
+    """For `x, w -> y`: the specs of dx = (dy, w -> x) and dw = (x, dy -> w)."""
+    inputs, out = spec.split("->")
+    x, w = inputs.split(",")
+    return f"{out},{w}->{x}", f"{x},{out}->{w}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x, w in x's dtype) accumulated and returned in float32 -- and so are the two
+    backward matmuls, whose operands are cast to x's dtype too. Left to autodiff, the float32
+    output's cotangent would make both backward matmuls float32 (TF32 on a GPU: measured at half
+    the bf16 rate on an H200, a third of the step)."""
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(spec, x, w):
+    return _mixed_einsum(spec, x, w), (x, w)
+
+
+def _mixed_einsum_bwd(spec, residuals, dy):
+    x, w = residuals
+    dx_spec, dw_spec = _transposed_specs(spec)
+    dy = dy.astype(x.dtype)
+    dx = jnp.einsum(dx_spec, dy, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    dw = jnp.einsum(dw_spec, x, dy, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
 def _token_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(spec, x [B, T, ...], w) accumulated in float32, with batch and length merged into one
     token axis: the weight's gradient is then one plain matmul (over B and T as two axes, XLA:CPU
-    transposes the activations and their gradients to sum over both)."""
+    transposes the activations and their gradients to sum over both). With x in a half dtype, `w`
+    (float32 parameters too) is cast to it inside, and the backward matmuls take half operands
+    (on accelerators; XLA:CPU widens them)."""
     b, t = x.shape[:2]
-    y = jnp.einsum(spec.replace("bt", "n"), x.reshape((b * t,) + x.shape[2:]), w,
-                   preferred_element_type=jnp.float32)
+    spec = spec.replace("bt", "n")
+    tokens = x.reshape((b * t,) + x.shape[2:])
+    if x.dtype == jnp.float32 or compile_platform() == "cpu":  # XLA:CPU has no bf16 x bf16 -> f32 dot kernel
+        y = jnp.einsum(spec, tokens, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    else:
+        y = _mixed_einsum(spec, tokens, w)
     return y.reshape((b, t) + y.shape[1:])
 
 
@@ -116,7 +155,7 @@ def _projection(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.A
     """`einsum(spec, x, module.<name>)` in x's dtype, plus the weight's LoRA adapter if it has one.
     Accumulated in float32 whatever the inputs (bfloat16 matmuls then take the backends' fast
     bf16-in, f32-accumulate kernels, e.g. the TPU MXU's; XLA:CPU widens the weight otherwise)."""
-    y = _token_einsum(spec, x, getattr(module, name)[...].astype(x.dtype)).astype(x.dtype)
+    y = _token_einsum(spec, x, getattr(module, name)[...]).astype(x.dtype)
     adapter = getattr(module, name + LORA_SUFFIX, None)
     return y if adapter is None else y + adapter(x).astype(y.dtype)
 
@@ -153,7 +192,7 @@ class Attention(nnx.Module):
             k = constrain(write_slots(kv[0], k, index), CACHE_AXES)
             v = constrain(write_slots(kv[1], v, index), CACHE_AXES)
             kv = (k, v)
-        out = gqa_attention(q, k, v, mask)
+        out = attend(q, k, v, mask)
         return constrain(_projection(self, "wo", "bthd,hde->bte", out), BTE), kv
 
 
@@ -261,7 +300,9 @@ class LlamaForCausalLM(nnx.Module):
         b, t = tokens.shape
         q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
-            mask = segment_causal_mask(segment_ids, segment_ids, q_index, q_index)
+            kernel = choose_kernel(cfg.attention, DTYPES[cfg.dtype])
+            mask = (segment_causal_mask(segment_ids, segment_ids, q_index, q_index) if kernel == "xla"
+                    else FusedMask(segment_ids, kernel))
             h, _ = self._run_layers(h, cos, sin, mask, None, None)
             return h, None
         index = cache.index
@@ -282,9 +323,9 @@ class LlamaForCausalLM(nnx.Module):
         """Hidden states [B, T, embed] -> logits [B, T, vocab] float32 (final norm, then lm_head)."""
         h = self.final_norm(h)
         if self.lm_head is None:
-            logits = _token_einsum("bte,ve->btv", h, self.embed.embedding[...].astype(h.dtype))
+            logits = _token_einsum("bte,ve->btv", h, self.embed.embedding[...])
         else:
-            logits = _token_einsum("bte,ev->btv", h, self.lm_head.kernel[...].astype(h.dtype))
+            logits = _token_einsum("bte,ev->btv", h, self.lm_head.kernel[...])
         return constrain(logits, BTV)
 
     def _run_layers(self, h, cos, sin, mask, kv, index):
