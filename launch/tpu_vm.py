@@ -272,8 +272,12 @@ def copy_and_install(shell: Shell, pod: Pod, archive: str, log_dir: Path, poll_s
 def worker_jobs(pod: Pod, hosts: int, run_args: list[str], env: dict[str, str], coordinator: str,
                 log_dir: Path) -> list[Job]:
     jobs = []
+    # Several hosts: each process must join the others (xinst_jax/runtime.py reads this; on TPU VMs
+    # the worker list lives in the metadata server, not always in the ssh session's environment).
+    multi_host = {"XINST_TPU_POD": "1"} if hosts * pod.num_slices > 1 else {}
     for slice_id, node in enumerate(pod.nodes()):
-        script = gcp.run_script(run_args, {**env, **gcp.megascale_env(slice_id, pod.num_slices, coordinator)})
+        script = gcp.run_script(run_args, {**env, **multi_host,
+                                           **gcp.megascale_env(slice_id, pod.num_slices, coordinator)})
         for worker in range(hosts):
             label = f"slice {slice_id} worker {worker}" if pod.num_slices > 1 else f"worker {worker}"
             jobs.append(Job(label, gcp.ssh_cmd(pod, node, worker, script),

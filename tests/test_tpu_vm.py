@@ -74,6 +74,7 @@ def test_dry_run_single_slice(capsys, type_, accel, runtime, hosts, capacity):
     run = flag(workers[0], "command")
     assert "launch/tpu_run.py --config tiny_synthetic --set train.steps=2" in run
     assert "MEGASCALE" not in run and "dcn_data" not in run
+    assert ("XINST_TPU_POD=1" in run) == (hosts > 1)  # several hosts must join one jax.distributed run
     assert cmds[-1][:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "t"]
     assert "--force" in cmds[-1]
 
@@ -95,7 +96,7 @@ def test_dry_run_two_v5e_256_slices(capsys):
         assert [flag(c, "worker") for c in mine] == [str(w) for w in range(64)]
         run = flag(mine[0], "command")
         assert f"MEGASCALE_SLICE_ID={slice_id}" in run and "MEGASCALE_NUM_SLICES=2" in run
-        assert "MEGASCALE_COORDINATOR_ADDRESS=" in run
+        assert "MEGASCALE_COORDINATOR_ADDRESS=" in run and "XINST_TPU_POD=1" in run
         assert "--set mesh.dcn_data=2" in run  # the data axis spans the slices
     assert find(cmds, "queued-resources", "delete") == [cmds[-1]]
 
@@ -322,3 +323,21 @@ def test_readme_pod_commands_dry_run(capsys, monkeypatch):
             capsys.readouterr().err
         out = capsys.readouterr().out
         assert "queued-resources create" in out and "queued-resources delete" in out
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"XINST_TPU_POD": "1"}, True),  # set by this launcher on every worker of a multi-host slice
+    ({"MEGASCALE_NUM_SLICES": "2"}, True),
+    ({"MEGASCALE_NUM_SLICES": "1"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+])
+def test_runtime_joins_the_other_hosts_when_the_launcher_says_so(monkeypatch, env, expected):
+    from xinst_jax.runtime import is_multi_host_tpu
+
+    for key in ("XINST_TPU_POD", "MEGASCALE_NUM_SLICES", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_multi_host_tpu() is expected

@@ -13,6 +13,13 @@ log = logging.getLogger(__name__)
 _initialized = False
 
 
+def is_multi_host_tpu() -> bool:
+    """A TPU slice of several hosts, or several slices: launch/tpu_vm.py says so (XINST_TPU_POD),
+    multi-slice sets MEGASCALE_NUM_SLICES, and some images export the worker list."""
+    return (os.environ.get("XINST_TPU_POD") == "1" or int(os.environ.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1
+            or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
+
+
 def setup_runtime(cfg: DistributedConfig) -> None:
     """Call once per process before touching devices.
 
@@ -37,7 +44,7 @@ def setup_runtime(cfg: DistributedConfig) -> None:
                               "XINST_COORDINATOR / XINST_NUM_PROCESSES / XINST_PROCESS_ID")
         log.info("joining %s as process %d of %d", coordinator, process_id, num_processes)
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize(**timeouts)  # multi-host TPU VM: auto-detected
+    elif is_multi_host_tpu():
+        jax.distributed.initialize(**timeouts)  # jax finds the workers (TPU metadata, MEGASCALE_*)
     _initialized = True
 
