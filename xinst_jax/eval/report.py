@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -19,38 +20,44 @@ COLORS = {"win": "#2e7d32", "tie": "#9e9e9e", "loss": "#c62828", "fidelity": "#1
           "xcopa": "#6a1b9a", "loss_curve": "#37474f"}
 
 
-def _figure(width: float = 7.0, height: float = 4.0):
+@contextlib.contextmanager
+def _plot(path: Path, title: str, width: float = 7.0, height: float = 4.0):
+    """One titled axes on an Agg figure, saved to `path` as PNG when the block ends."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
-    return fig
+    ax = fig.add_subplot(1, 1, 1)
+    yield ax
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _bar_width(n: int, least: float = 5.0) -> float:
+    return max(least, 0.7 * n + 2.5)
 
 
 def plot_win_tie_loss(path: Path, per_language: dict, title: str) -> bool:
     langs = [lang for lang in per_language if lang != "all" and per_language[lang]["judged"]]
     if not langs:
         return False
-    fig = _figure(max(5.0, 0.7 * len(langs) + 2.5))
-    ax = fig.add_subplot(1, 1, 1)
-    bottom = [0.0] * len(langs)
-    for k in ("win", "tie", "loss"):
-        vals = [per_language[lang][f"{k}_rate"] or 0.0 for lang in langs]
-        ax.bar(langs, vals, bottom=bottom, color=COLORS[k], label=k)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    for i, lang in enumerate(langs):
-        row = per_language[lang]
-        note = f"n={row['judged']}"
-        if row["unparseable"] or row["failed"]:
-            note += f"\n+{row['unparseable']}u {row['failed']}f"
-        ax.text(i, 1.01, note, ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(0, 1.18)
-    ax.set_ylabel("share of judged pairs")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper right", fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    with _plot(path, title, _bar_width(len(langs))) as ax:
+        bottom = [0.0] * len(langs)
+        for k in ("win", "tie", "loss"):
+            vals = [per_language[lang][f"{k}_rate"] or 0.0 for lang in langs]
+            ax.bar(langs, vals, bottom=bottom, color=COLORS[k], label=k)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        for i, lang in enumerate(langs):
+            row = per_language[lang]
+            note = f"n={row['judged']}"
+            if row["unparseable"] or row["failed"]:
+                note += f"\n+{row['unparseable']}u {row['failed']}f"
+            ax.text(i, 1.01, note, ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, 1.18)
+        ax.set_ylabel("share of judged pairs")
+        ax.legend(loc="upper right", fontsize=8, ncol=3)
     return True
 
 
@@ -58,23 +65,19 @@ def plot_fidelity(path: Path, per_language: dict) -> bool:
     langs = list(per_language)
     if not langs:
         return False
-    fig = _figure(max(5.0, 0.7 * len(langs) + 2.5))
-    ax = fig.add_subplot(1, 1, 1)
-    xs = list(range(len(langs)))
-    w = 0.27
-    for shift, key, color, label in ((-w, "fidelity", COLORS["fidelity"], "in the requested language"),
-                                     (0.0, "mixed_script_share", COLORS["mixed"], "mixed scripts"),
-                                     (w, "wrong_script_share", COLORS["wrong"], "wrong script")):
-        ax.bar([x + shift for x in xs], [per_language[lang][key] or 0.0 for lang in langs], w, color=color,
-               label=label)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(langs)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("share of answers")
-    ax.set_title("Language fidelity (py3langid)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    with _plot(path, "Language fidelity (py3langid)", _bar_width(len(langs))) as ax:
+        xs = list(range(len(langs)))
+        w = 0.27
+        for shift, key, color, label in ((-w, "fidelity", COLORS["fidelity"], "in the requested language"),
+                                         (0.0, "mixed_script_share", COLORS["mixed"], "mixed scripts"),
+                                         (w, "wrong_script_share", COLORS["wrong"], "wrong script")):
+            ax.bar([x + shift for x in xs], [per_language[lang][key] or 0.0 for lang in langs], w, color=color,
+                   label=label)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(langs)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("share of answers")
+        ax.legend(fontsize=8)
     return True
 
 
@@ -82,18 +85,14 @@ def plot_xcopa(path: Path, per_language: dict) -> bool:
     langs = list(per_language)
     if not langs:
         return False
-    fig = _figure(max(4.0, 0.7 * len(langs) + 2.5))
-    ax = fig.add_subplot(1, 1, 1)
-    accs = [per_language[lang]["acc"] or 0.0 for lang in langs]
-    errs = [per_language[lang]["acc_stderr"] or 0.0 for lang in langs]
-    ax.bar(langs, accs, yerr=errs, color=COLORS["xcopa"], capsize=3)
-    ax.axhline(0.5, color="black", linestyle="--", linewidth=1, label="chance")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("XCOPA (log-likelihood, lm-eval format)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    with _plot(path, "XCOPA (log-likelihood, lm-eval format)", _bar_width(len(langs), least=4.0)) as ax:
+        accs = [per_language[lang]["acc"] or 0.0 for lang in langs]
+        errs = [per_language[lang]["acc_stderr"] or 0.0 for lang in langs]
+        ax.bar(langs, accs, yerr=errs, color=COLORS["xcopa"], capsize=3)
+        ax.axhline(0.5, color="black", linestyle="--", linewidth=1, label="chance")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
     return True
 
 
@@ -117,14 +116,10 @@ def plot_loss(path: Path, metrics: Path) -> bool:
     steps, losses = read_loss_curve(metrics)
     if not steps:
         return False
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, losses, color=COLORS["loss_curve"], linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"Training loss ({metrics.parent.name}/{metrics.name})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    with _plot(path, f"Training loss ({metrics.parent.name}/{metrics.name})") as ax:
+        ax.plot(steps, losses, color=COLORS["loss_curve"], linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
     return True
 
 
