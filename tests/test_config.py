@@ -177,7 +177,9 @@ PUBLISHED = {
     "llama2_7b": (32000, 4096, 32, 32, 32, 128, 11008, 10000.0, 4096, False, 1, 2),
     "llama2_13b": (32000, 5120, 40, 40, 40, 128, 13824, 10000.0, 4096, False, 1, 2),
     "llama3_8b": (128256, 4096, 32, 32, 8, 128, 14336, 500000.0, 8192, False, 128000, 128001),
+    "llama3_2_1b": (128256, 2048, 16, 32, 8, 64, 8192, 500000.0, 131072, True, 128000, 128001),
 }
+ROPE_SCALED = {"llama3_2_1b": ("llama3", 32.0, 1.0, 4.0, 8192)}  # meta-llama/Llama-3.2-1B config.json
 
 
 def test_preset_files_hold_the_published_numbers():
@@ -187,7 +189,10 @@ def test_preset_files_hold_the_published_numbers():
     for name, numbers in PUBLISHED.items():
         model = model_preset(name)
         assert tuple(getattr(model, f) for f in fields) == numbers, name
-        assert model.rope_scaling.type == "none" and model.preset == name
+        rope = model.rope_scaling
+        scaling = (rope.type, rope.factor, rope.low_freq_factor, rope.high_freq_factor,
+                   rope.original_max_position_embeddings)
+        assert (scaling if rope.type != "none" else None) == ROPE_SCALED.get(name) and model.preset == name
     assert model_preset("tiny", num_layers=1).num_layers == 1
 
 
@@ -235,7 +240,7 @@ def test_unknown_preset_names_key_and_file(tmp_path):
     child = write(tmp_path / "child.yaml", "base: base.yaml\nseed: 1\n")
     msg = error_of(child)
     assert "model.preset" in msg and "base.yaml" in msg and "tinyy" in msg
-    assert "known: llama2_13b, llama2_7b, llama3_8b, smollm2_135m, tiny" in msg
+    assert "known: llama2_13b, llama2_7b, llama3_2_1b, llama3_8b, smollm2_135m, tiny" in msg
     msg = error_of(child, "model.preset=gpt5")
     assert "model.preset" in msg and "--set" in msg and "gpt5" in msg
     msg = error_of(child, "model.preset=../demo")  # a name, never a path out of configs/models

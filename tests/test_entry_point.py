@@ -73,7 +73,7 @@ def test_rows_longer_than_the_model_and_unknown_preset(tmp_path):
     proc = run("--config", "tiny_synthetic", "--set", "train.seq_len=1024", cwd=tmp_path)
     assert_one_line_error(proc, "--set", "train.seq_len=1024", "model.max_seq_len=512", "models/tiny.yaml")
     proc = run("--config", "tiny_synthetic", "--set", "model.preset=llama9", cwd=tmp_path)
-    assert_one_line_error(proc, "model.preset", "llama9", "known: llama2_13b, llama2_7b, llama3_8b")
+    assert_one_line_error(proc, "model.preset", "llama9", "known: llama2_13b, llama2_7b, llama3_2_1b, llama3_8b")
     assert not (tmp_path / "runs").exists()
 
 
