@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from xinst_jax.checkpoint import load_params_for_export
+from xinst_jax.checkpoint import file_digest, load_params_for_export
 from xinst_jax.config import ConfigError, load_config
 from xinst_jax.data.synthetic import SyntheticSource
 from xinst_jax.model.llama import logical_axes, param_shapes
@@ -140,6 +140,7 @@ def test_other_process_count_is_a_config_error(base, tmp_path):
     state = json.loads(path.read_text())
     state["process_count"] = 2
     path.write_text(json.dumps(state))
+    path.with_suffix(".sha256").write_text(file_digest(path.read_bytes()))  # as 2 processes would have saved it
     with pytest.raises(ConfigError) as e:
         run_training(cfg, stop_after=0)
     msg = str(e.value)

@@ -29,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from xinst_jax.checkpoint import CHECKSUMS_FILE, state_digests
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,12 +196,19 @@ def test_two_processes_match_one_and_resume_together(tmp_path, env):
         for rank in range(2):
             data = json.loads((ckpts / str(FIRST_STEPS) / "data" / f"process_{rank}.json").read_text())
             assert data == {"index": FIRST_STEPS, "process_count": 2}, data
+            assert (ckpts / str(FIRST_STEPS) / "data" / f"process_{rank}.sha256").is_file()
+        # The digests the 2 processes saved are those one process computes from the saved params.
+        saved = json.loads((ckpts / str(FIRST_STEPS) / "checksums" / CHECKSUMS_FILE).read_text())["arrays"]
+        here = state_digests({"params": load_params(ckpts / str(FIRST_STEPS))})
+        assert here == {name: d for name, d in saved.items() if name.startswith("params/")}
 
         # Launch 2: raise train.steps; both processes resume from step 6 (rank via XINST_* this time).
         p1, l1 = multi_launch(multi_dir, MORE_STEPS, env, tmp_path, via_env=True)
         p2, l2 = single_launch(single_dir, MORE_STEPS, env, tmp_path)
         procs = p1 + p2
         wait_all(procs, l1 + l2, LAUNCH_TIMEOUT)
+        for log in l1:  # both processes verified the checksums of step 6 and kept it
+            assert "does not restore" not in log.read_text() and "unverified" not in log.read_text()
         multi_2, single_2 = read_metrics(multi_dir)[len(multi_1):], read_metrics(single_dir)[len(single_1):]
         worst = max(worst, compare_losses(multi_2, single_2, list(range(FIRST_STEPS + 1, MORE_STEPS + 1))))
         for rank in range(2):

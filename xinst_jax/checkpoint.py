@@ -1,11 +1,32 @@
-"""Orbax checkpoints: one step dir holds the train state, every process's data-iterator state and
-the resolved config. Async saves, keep-K, auto-resume from the latest step that restores,
-restoring onto any mesh (arrays come back with the shardings the caller asks for).
+"""Orbax checkpoints: one step dir holds the train state, every process's data-iterator state,
+the resolved config and the checksums of all of it. Async saves, keep-K, auto-resume from the
+latest step that restores, restoring onto any mesh (arrays come back with the shardings the
+caller asks for).
+
+Checksums (a restore must never hand back bytes other than those saved; a flipped byte in an
+orbax data file usually restores silently as a wrong value):
+  state   one 64-bit digest per array of the train state, over its logical content (every
+          element's bits at its global position), computed on the devices in one jitted pass
+          that save() only dispatches (orbax's background commit fetches the result). It does
+          not depend on the mesh or on how many processes hold the array, so a 2-process save
+          and a 1-process save of the same values agree, and a restore onto another mesh
+          verifies every array. Written as the step's `checksums` item (process 0).
+  data    each process writes `data/process_<i>.sha256` beside its iterator-state file.
+Both are written inside the step while orbax saves it, so they commit with it atomically.
+On restore every array and this process's iterator file are checked. A mismatch or a read error
+makes the step unrestorable: process 0 moves it aside to `<dir>/<step>.unrestorable` (moved, not
+deleted), every process logs one line naming the step and the array or file, and the previous
+step is tried; with none left the run starts from step 0, said in the log. A step without
+checksum files (saved before they existed) restores unverified, with a warning, and so does one
+whose digests were made by another algorithm version.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -13,37 +34,194 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from etils import epath
+from jax import lax
+from jax.experimental import multihost_utils
 from orbax.checkpoint import args as ocp_args
 
 from xinst_jax.config import CheckpointConfig, ConfigError, ModelConfig, check_same_architecture
 
 log = logging.getLogger(__name__)
 
+CHECKSUMS_FILE = "checksums.json"  # in <step>/checksums/
+DIGEST_ALGORITHM = "xinst-fmix32-sum-v1"  # recorded with the digests: a future change is detected
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint's bytes differ from those saved (its checksums say so)."""
+
+
+# --------------------------------------------------------------------------- array digests
+#
+# Per 32-bit word w at row-major position i: k = fmix32(i * golden + seed), v = fmix32(w ^ k);
+# digest = (sum v, sum v * (k | 1)) mod 2^32. fmix32 (MurmurHash3's finaliser) is a bijection,
+# so a change to any one word always changes the first sum; several changes cancel in both sums
+# with probability about 2^-64. Sums are order-free: any sharding or reduction order gives the
+# same digest. Not a cryptographic hash: it guards against storage faults, not against tampering.
+# The cost is a few integer ops per element: negligible on TPU/GPU, ~6 ns per element on a small
+# CPU (hence dispatched, not awaited, at save).
+
+_U32 = jnp.uint32
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    h = h ^ (h >> 16)
+    h = h * _U32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * _U32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (narrower elements widened, 8-byte ones split in two)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+    size = x.dtype.itemsize
+    if size in unsigned:
+        return lax.bitcast_convert_type(x, unsigned[size]).astype(_U32)
+    if size == 8:
+        return lax.bitcast_convert_type(x, _U32)  # adds a trailing axis of 2
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+    """Each word's row-major position in the whole array (mod 2^32), built per axis so that every
+    device computes only its own shard's positions."""
+    position = jnp.zeros(shape, _U32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        position = position + lax.broadcasted_iota(_U32, shape, axis) * _U32(stride % 2**32)
+        stride *= shape[axis]
+    return position
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    words = _words(x)
+    key = _fmix32(_positions(words.shape) * _U32(0x9E3779B9) + _U32(0x2545F491))
+    mixed = _fmix32(words ^ key)
+    return jnp.stack([jnp.sum(mixed, dtype=_U32), jnp.sum(mixed * (key | 1), dtype=_U32)])
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_fn(out_sharding: Any) -> Any:
+    return jax.jit(lambda leaves: jnp.stack([_digest(x) for x in leaves]), out_shardings=out_sharding)
+
+
+def _replicated(leaves: list[Any]) -> Any:
+    """A replicated sharding on the arrays' mesh, so that every process can read the digests."""
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return None
+
+
+@dataclasses.dataclass
+class PendingDigests:
+    """Digests dispatched to the devices and not yet fetched: a save does not wait for them."""
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    values: Any  # (arrays, 2) uint32, replicated
+
+    def resolve(self) -> dict[str, Any]:
+        """The `checksums` item: {algorithm, arrays: {path: {digest, dtype, shape}}}."""
+        out = self.values
+        values = np.asarray(out.addressable_data(0)) if isinstance(out, jax.Array) else np.asarray(out)
+        arrays = {name: {"digest": f"{int(a):08x}{int(b):08x}", "dtype": dtype, "shape": shape}
+                  for name, dtype, shape, (a, b) in zip(self.names, self.dtypes, self.shapes, values)}
+        return {"algorithm": DIGEST_ALGORITHM, "arrays": arrays}
+
+
+def dispatch_digests(state: Any) -> PendingDigests:
+    """Start the digests of every array of `state` (a collective when the arrays span processes:
+    every process calls this at the same point). Later donation of `state`'s buffers waits for them."""
+    named = jax.tree_util.tree_flatten_with_path(state)[0]
+    leaves = [x for _, x in named]
+    values = _digest_fn(_replicated(leaves))(leaves) if leaves else np.zeros((0, 2), np.uint32)
+    return PendingDigests([_path_name(path) for path, _ in named], [str(_dtype(x)) for x in leaves],
+                          [list(np.shape(x)) for x in leaves], values)
+
+
+def state_digests(state: Any) -> dict[str, dict[str, Any]]:
+    """{array path: {digest, dtype, shape}}; every process gets the same, whatever the mesh."""
+    return dispatch_digests(state).resolve()["arrays"]
+
+
+def _dtype(x: Any) -> Any:
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def check_state(state: Any, saved: Mapping[str, Any], where: str) -> None:
+    """Raise CorruptCheckpoint naming the arrays of `state` whose digest differs from `saved`
+    (a `checksums` item). An array whose dtype changed since (a cast on restore) is not comparable:
+    it is skipped with a warning, as are all of them when another algorithm made the digests."""
+    if saved.get("algorithm") != DIGEST_ALGORITHM:
+        log.warning("%s: checksums made by '%s', this version checks %s: restoring it unverified", where,
+                    saved.get("algorithm"), DIGEST_ALGORITHM)
+        return
+    recorded, actual = saved.get("arrays", {}), state_digests(state)
+    unchecked = sorted(name for name, now in actual.items()
+                       if name not in recorded or recorded[name]["dtype"] != now["dtype"])
+    if unchecked:
+        log.warning("%s: %d array(s) restored unverified (no checksum of that dtype saved): %s",
+                    where, len(unchecked), ", ".join(unchecked[:3]))
+    bad = sorted(name for name, now in actual.items()
+                 if name not in unchecked and recorded[name]["digest"] != now["digest"])
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CorruptCheckpoint(f"state array {bad[0]}{more} does not match its checksum")
+
+
+def file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- data-iterator state
+
 
 class ProcessLocalJsonHandler(ocp.JsonCheckpointHandler):
-    """Every process writes its own `process_<i>.json` (iterator states differ per host, as in T5X)."""
+    """Every process writes its own `process_<i>.json` (iterator states differ per host, as in T5X)
+    and its sha256 in `process_<i>.sha256`."""
 
     def __init__(self):
         super().__init__(filename="process_0.json")
 
     async def _save_fn(self, x, directory):
-        (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(x))
+        text = json.dumps(x)
+        name = f"process_{jax.process_index()}"
+        (directory / f"{name}.json").write_text(text)
+        (directory / f"{name}.sha256").write_text(file_digest(text.encode()))
 
     def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Mapping[str, Any]:
-        path = directory / f"process_{jax.process_index()}.json"
+        name = f"process_{jax.process_index()}"
+        path = directory / f"{name}.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found")
-        state = json.loads(path.read_text())
+        raw = path.read_bytes()
+        _check_file(path, raw, directory / f"{name}.sha256")
+        state = json.loads(raw)
         saved = state.get("process_count", 1)
         if saved != jax.process_count():
             raise ConfigError(f"{directory}: data-iterator state was saved by {saved} processes; restoring with "
                               f"{jax.process_count()} would repeat or drop examples. Resume with {saved} "
                               "processes, or start the data afresh (checkpoint.resume=false and import the params).")
         return state
+
+
+def _check_file(path: epath.Path, raw: bytes, digest_path: epath.Path) -> None:
+    if not digest_path.exists():
+        log.warning("%s has no checksum file (saved before checksums were added): restoring it unverified", path)
+        return
+    if digest_path.read_text().strip() != file_digest(raw):
+        raise CorruptCheckpoint(f"{path.parent.name}/{path.name} does not match its checksum")
 
 
 @ocp_args.register_with_handler(ProcessLocalJsonHandler, for_save=True)
@@ -58,6 +236,34 @@ class ProcessLocalJsonRestore(ocp_args.CheckpointArgs):
     item: Optional[bytes] = None
 
 
+class ChecksumsHandler(ocp.JsonCheckpointHandler):
+    """The `checksums` item, written by process 0. The digests are fetched inside orbax's commit
+    (a background thread for async saves), so save() returns as soon as they are dispatched."""
+
+    def __init__(self):
+        super().__init__(filename=CHECKSUMS_FILE)
+
+    async def _save_fn(self, x, directory):
+        if jax.process_index() == 0:
+            checksums = await asyncio.to_thread(x.resolve) if isinstance(x, PendingDigests) else x
+            (directory / CHECKSUMS_FILE).write_text(json.dumps(checksums))
+
+
+@ocp_args.register_with_handler(ChecksumsHandler, for_save=True)
+@dataclasses.dataclass
+class ChecksumsSave(ocp_args.CheckpointArgs):
+    item: PendingDigests | Mapping[str, Any]
+
+
+@ocp_args.register_with_handler(ChecksumsHandler, for_restore=True)
+@dataclasses.dataclass
+class ChecksumsRestore(ocp_args.CheckpointArgs):
+    item: Optional[bytes] = None
+
+
+# --------------------------------------------------------------------------- the checkpointer
+
+
 class Checkpointer:
     """Thin policy layer over ocp.CheckpointManager."""
 
@@ -70,46 +276,81 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ProcessLocalJsonHandler(),
-                           "config": ocp.JsonCheckpointHandler()})
+                           "config": ocp.JsonCheckpointHandler(),
+                           "checksums": ChecksumsHandler()})
 
     def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = False) -> bool:
+        if not (force or self.manager.should_save(step)):
+            return False
         data_state = {**data_state, "process_count": jax.process_count()}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ProcessLocalJsonSave(data_state),
-            config=ocp.args.JsonSave(config)), force=force)
+            config=ocp.args.JsonSave(config), checksums=ChecksumsSave(dispatch_digests(state))), force=force)
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-        """Restore the newest step that restores cleanly; a broken newer step is removed with a
-        warning (a kill mid-write or a corrupt file must not block the run). A step whose saved
-        tree or shapes differ from `abstract_state` is a config change, not corruption: that raises
-        ConfigError and deletes nothing."""
+        """Restore the newest step that restores and matches its checksums; an unrestorable newer
+        step is moved aside with a warning (a kill mid-write or a corrupt file must not block the
+        run). A step whose saved tree or shapes differ from `abstract_state` is a config change, not
+        corruption: that raises ConfigError and moves nothing."""
+        moved = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             mismatch = self._mismatch(step, abstract_state)
             if mismatch is not None:
                 raise ConfigError(f"checkpoint step {step} in {self.directory} was written by another model or "
                                   f"optimizer config ({mismatch}); resume with the config it was saved with, or "
                                   "use a fresh checkpoint.dir / run_dir (or checkpoint.resume=false)")
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ProcessLocalJsonRestore(),
-                    config=ocp.args.JsonRestore()))
-            except ConfigError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
-                aside = self.directory / f"{step}.unrestorable"
-                log.warning("checkpoint step %d in %s does not restore (%s: %s); moved aside to %s, using the "
-                            "previous one", step, self.directory, type(e).__name__,
-                            str(e).splitlines()[0][:200], aside.name)
-                # Moved, not deleted: a transient storage error must not destroy a good checkpoint.
-                if jax.process_index() == 0:
-                    if aside.exists():
-                        aside.rmtree()
-                    (self.directory / str(step)).rename(aside)
-                multihost_utils.sync_global_devices(f"checkpoint-aside-{step}")
-                self.manager.reload()
-                continue
-            return step, restored["state"], dict(restored["data"]), dict(restored["config"])
+            restored, problem = self._restore_verified(step, abstract_state)
+            if problem is None:
+                return step, restored["state"], dict(restored["data"]), dict(restored["config"])
+            self._move_aside(step, problem)
+            moved.append(step)
+        if moved:
+            log.warning("no checkpoint step in %s restores (moved aside: %s): starting from step 0", self.directory,
+                        ", ".join(f"{s}.unrestorable" for s in moved))
         return None
+
+    def _restore_verified(self, step: int, abstract_state: Any) -> tuple[dict | None, str | None]:
+        """(the restored items, None), or (None, why the step is unusable): the same answer on
+        every process."""
+        checksums_file = self.directory / str(step) / "checksums" / CHECKSUMS_FILE
+        has_checksums = checksums_file.exists()
+        items = dict(state=ocp.args.StandardRestore(abstract_state), data=ProcessLocalJsonRestore(),
+                     config=ocp.args.JsonRestore())
+        if has_checksums:
+            items["checksums"] = ChecksumsRestore()
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
+            problem = _one_line(e)
+        else:
+            problem = None
+        # The iterator files differ per process: agree before the digests' collective.
+        problem = _agree(problem)
+        if problem is not None:
+            return None, problem
+        if not has_checksums:
+            log.warning("checkpoint step %d in %s has no %s (saved before checksums were added): restoring it "
+                        "unverified", step, self.directory, checksums_file.relative_to(self.directory))
+            return restored, None
+        try:  # the digests are replicated: every process reaches the same verdict
+            check_state(restored["state"], restored["checksums"], f"checkpoint step {step}")
+        except CorruptCheckpoint as e:
+            return None, str(e)
+        return restored, None
+
+    def _move_aside(self, step: int, problem: str) -> None:
+        """Moved, not deleted: a transient storage error must not destroy a good checkpoint."""
+        aside = self.directory / f"{step}.unrestorable"
+        log.warning("checkpoint step %d in %s does not restore (%s); moved aside to %s, trying the previous one",
+                    step, self.directory, problem, aside.name)
+        if jax.process_index() == 0:
+            if aside.exists():
+                aside.rmtree()
+            (self.directory / str(step)).rename(aside)
+        multihost_utils.sync_global_devices(f"checkpoint-aside-{step}")
+        self.manager.reload()
 
     def _mismatch(self, step: int, abstract_state: Any) -> str | None:
         """How the state saved at `step` differs in entries or shapes from `abstract_state`, or None
@@ -143,6 +384,21 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, CorruptCheckpoint):
+        return str(e)
+    first = (str(e).splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}"
+
+
+def _agree(problem: str | None) -> str | None:
+    """This process's problem, or, when only another process had one, a note saying so."""
+    if jax.process_count() == 1:
+        return problem
+    anyone = bool(np.any(multihost_utils.process_allgather(np.int32(problem is not None))))
+    return problem if problem is not None or not anyone else "another process could not restore it (see its log)"
 
 
 def _path_name(path: Any) -> str:
