@@ -760,6 +760,12 @@ def validate(cfg: Config, origin: Mapping[str, str] | None = None) -> None:
         value = getattr(cfg.checkpoint, key.split(".")[1])
         if value < 1:
             raise ConfigError(f"{src(key)}: {key}: must be >= 1, got {value}")
+    from xinst_jax.paths import config_path_problems  # local or gs://; lazy: paths imports this module
+
+    problems = config_path_problems(cfg)
+    if problems:
+        key, problem = problems[0]
+        raise ConfigError(f"{src(key.split('[')[0])}: {key}: {problem}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,9 +9,9 @@ shards and resumes training from the latest checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError
 from xinst_jax.jobs import register_job
 
@@ -31,14 +31,18 @@ def check_finetune_config(cfg: Config) -> None:
     if cfg.data.source != "tfrecord":
         raise ConfigError(f"{cfg.name}: data.source must be 'tfrecord' for a finetune job")
     require(cfg, "data.tokenizer", "the tokenizer of the base model: tokenizer.json, tokenizer.model or their dir")
-    if not cfg.data.inputs:
+    # prepared shards on a bucket are read (and their manifest checked) by the trainer
+    if not cfg.data.inputs and not paths.is_remote(cfg.data.prepared_dir):
         prepared = Path(cfg.data.prepared_dir or cfg.resolved_run_dir() / "data")
         if not (prepared / "manifest.json").exists():
             raise ConfigError(f"{cfg.name}: data.inputs is required (X-Instruction JSONL: instruction, output, lang) "
                               f"unless data.prepared_dir already holds prepared shards ({prepared} has no "
                               "manifest.json)")
-    if cfg.train.init_from and not os.path.isdir(cfg.train.init_from):
-        raise ConfigError(f"{cfg.name}: train.init_from: {cfg.train.init_from} is not a directory")
+    if cfg.train.init_from:
+        try:
+            paths.check_dir("train.init_from", cfg.train.init_from)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.name}: {e}") from None
 
 
 def run_finetune(cfg: Config):

@@ -8,6 +8,8 @@ manifest that refuses to mix two runs' shards. Every sharded, resumable job uses
 
 A shard is written to a temporary file and renamed, then its marker is written, so a `kill -9`
 at any point leaves either a finished shard (marker matches its bytes) or one that is redone.
+`out` is a pathlib.Path or, for a `gs://` stage directory, an etils.epath.Path
+(`xinst_jax.paths.as_path`): every read and write here goes through the path layer.
 """
 
 from __future__ import annotations
@@ -16,26 +18,23 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+from xinst_jax import paths
 from xinst_jax.config import ConfigError
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: Any, data: bytes) -> None:
+    paths.write_atomic(path, data)
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Any, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Any) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -92,6 +91,11 @@ def write_shard(out: Path, k: int, lines: list[str], extra: dict | None = None) 
 
 def merge_shards(out: Path, num_shards: int, name: str = "output.jsonl") -> Path:
     target = out / name
+    if paths.is_remote(target):  # one streamed upload: the object appears when it is complete
+        with paths.open(target, "wb") as f:
+            for k in range(num_shards):
+                f.write(shard_paths(out, k)[0].read_bytes())
+        return target
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         for k in range(num_shards):

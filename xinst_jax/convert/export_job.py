@@ -17,7 +17,8 @@ Where the params come from, first match wins:
 3. Otherwise: fresh random params from `seed` (`init_params(model, PRNGKey(seed))`), e.g. to get
    a loadable HF directory for a new architecture.
 
-The output goes to `export.out`, or `<run_dir>/hf`. Export streams tensor by tensor, so the host
+The output goes to `export.out` (a local directory or a `gs://` URL, written through
+xinst_jax/paths.py), or `<run_dir>/hf`. Export streams tensor by tensor, so the host
 holds at most one tensor beyond the params themselves (see convert/hf.py). Single process: on a
 multi-host pod, export from a checkpoint on one host.
 """
@@ -27,8 +28,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError
-from xinst_jax.convert.sources import existing_dir
 from xinst_jax.jobs import register_job
 
 
@@ -41,7 +42,8 @@ def load_export_params(cfg: Config):
 
 
 def export_out_dir(cfg: Config) -> Path:
-    return Path(cfg.export.out) if cfg.export.out else cfg.resolved_run_dir() / "hf"
+    """export.out (local or gs://, as paths.as_path gives it), or <run_dir>/hf."""
+    return paths.as_path(cfg.export.out) if cfg.export.out else cfg.resolved_run_dir() / "hf"
 
 
 @register_job("export_hf")
@@ -52,7 +54,7 @@ def export_hf_job(cfg: Config) -> None:
     if export.max_shard_bytes <= 0:
         raise ConfigError(f"export.max_shard_bytes: must be > 0, got {export.max_shard_bytes}")
     if export.tokenizer_dir:
-        existing_dir("export.tokenizer_dir", export.tokenizer_dir)
+        paths.check_dir("export.tokenizer_dir", export.tokenizer_dir)
     out = export_out_dir(cfg)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export.out: {out} exists and is not a directory")
@@ -65,7 +67,7 @@ def export_hf_job(cfg: Config) -> None:
     done = time.perf_counter()
 
     shards = sorted(out.glob("model*.safetensors"))
-    nbytes = sum(f.stat().st_size for f in shards)
+    nbytes = sum(paths.size(f) for f in shards)
     n_tensors = len(tensor_maps(model))
     print(f"export_hf: wrote {out}: {n_tensors} tensors in {len(shards)} shard(s), {nbytes / 1e6:.1f} MB "
           f"{export.dtype}, from {source}; load {loaded - start:.1f}s, write {done - loaded:.1f}s", flush=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import jax
 import numpy as np
 
+from xinst_jax import paths
 from xinst_jax.config import (ConfigError, ModelConfig, RopeScalingConfig, architecture_is_default,
                               check_same_architecture, with_architecture_of)
 from xinst_jax.convert.safetensors_io import SafetensorsFile, iter_checkpoint_files, write_streaming
@@ -160,7 +160,8 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 
 def load_hf_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / "config.json"
+    """config.json of a HF directory, local or gs:// (read in place: no copy for one small file)."""
+    path = paths.as_path(paths.join(directory, "config.json"))
     if not path.exists():
         raise ConfigError(f"{directory}: no config.json (not a Hugging Face model directory)")
     return config_from_hf(json.loads(path.read_text()), source=str(path))
@@ -187,7 +188,7 @@ def import_hf(directory: str | Path, cfg: ModelConfig | None = None,
     cfg = cfg or hf_cfg
     check_same_architecture(cfg, hf_cfg, f"{directory}/config.json")
     tensors: dict[str, SafetensorsFile] = {}
-    for file in iter_checkpoint_files(directory):
+    for file in iter_checkpoint_files(paths.local_copy(directory)):  # memory maps need local files
         st = SafetensorsFile(file)
         for name in st.names():
             tensors[name] = st
@@ -258,7 +259,7 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str 
     (model.lora_rank > 0) are merged into their weights first: the export is a plain Llama."""
     if cfg.lora_rank > 0:
         params = jax.jit(lambda p: merge_lora(p, cfg))(params)
-    out = Path(out_dir)
+    out = paths.as_path(out_dir)  # a local directory or a gs:// URL: written through the path layer
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(DTYPES[dtype])
     maps = {m.hf_name: m for m in tensor_maps(cfg)}
@@ -292,7 +293,8 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str 
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer_dir:
         for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists() and (Path(tokenizer_dir) / name).resolve() != (out / name).resolve():
-                shutil.copy(Path(tokenizer_dir) / name, out / name)
+            src = paths.join(tokenizer_dir, name)
+            if paths.exists(src) and paths.absolute(src) != paths.absolute(out / name):
+                paths.copy_file(src, out / name)
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
     return out

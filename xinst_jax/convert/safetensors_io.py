@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from xinst_jax import paths
+
 _TO_NUMPY = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -67,7 +69,7 @@ def write_streaming(path: str | Path, entries: Iterable[tuple[str, tuple[int, ..
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # tensors start 8-byte aligned
-    with open(path, "wb") as f:
+    with paths.open(path, "wb") as f:  # local, or gs:// streamed through the path layer
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype in entries:

@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from xinst_jax.config import ConfigError, ModelConfig
+from xinst_jax.paths import is_remote, local_copy
 
 
 def existing_dir(key: str, value: str) -> Path:
+    """A local directory that exists, or a local copy of a gs:// one (xinst_jax.paths.local_copy)."""
+    if is_remote(value):
+        return Path(local_copy(value, key))
     path = Path(value)
     if not path.is_dir():
         raise ConfigError(f"{key}: directory {value} {'is not a directory' if path.exists() else 'not found'}")
@@ -39,7 +43,7 @@ def load_params(model: ModelConfig, *, checkpoint: str, hf_dir: str, seed: int,
         except ConfigError as e:
             raise ConfigError(f"{hf_key}: {e} (set model.preset or model.* to the checkpoint's architecture, or "
                               "model.preset=null to take it from config.json)") from None
-        return model, params, f"hf {path}"
+        return model, params, f"hf {hf_dir if is_remote(hf_dir) else path}"  # a URL, not its cache path
     import jax
 
     from xinst_jax.model.llama import init_params

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError, DataInputConfig
 from xinst_jax.curate.counts import StageCounts
 from xinst_jax.data.records import RecordReader
@@ -59,8 +60,8 @@ log = logging.getLogger(__name__)
 
 
 def stage_dir(cfg: Config, name: str) -> Path:
-    """<curate.out or run_dir>/<name>: where a curation stage writes."""
-    return Path(cfg.curate.out or cfg.resolved_run_dir()) / name
+    """<curate.out or run_dir>/<name>: where a curation stage writes (curate.out may be gs://)."""
+    return paths.as_path(cfg.curate.out or cfg.resolved_run_dir()) / name
 
 
 # --------------------------------------------------------------------------- 1. filter

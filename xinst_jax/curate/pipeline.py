@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xinst_jax import paths
 from xinst_jax.config import (PIPELINE_STAGES, Config, ConfigError, DataInputConfig, load_config, save_resolved,
                               to_dict)
 from xinst_jax.jobs import get_job, register_job
@@ -129,7 +130,7 @@ class Pipeline:
     def vocabulary_overrides(self) -> dict[str, Any]:
         from xinst_jax.data.tokenizer import load_tokenizer
 
-        if not Path(self.tokenizer).exists():
+        if not paths.exists(self.tokenizer):
             return {}  # not trained yet: filled when the stage runs (after the tokenizer stage)
         tok = load_tokenizer(self.tokenizer, key="pipeline.tokenizer")
         return {"model.vocab_size": tok.vocab_size, "model.bos_token_id": tok.bos_id, "model.eos_token_id": tok.eos_id}

@@ -63,6 +63,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError
 from xinst_jax.curate.counts import StageCounts
 from xinst_jax.data.records import RecordReader
@@ -363,7 +364,7 @@ def tally(ratings: list[dict]) -> tuple[dict, dict]:
 
 
 def output_dir(cfg: Config) -> Path:
-    return Path(cfg.curate.out or cfg.resolved_run_dir()) / "ratings"
+    return paths.as_path(cfg.curate.out or cfg.resolved_run_dir()) / "ratings"
 
 
 def run_ratings(cfg: Config) -> dict:

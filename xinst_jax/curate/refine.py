@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError, DataInputConfig
 from xinst_jax.curate.candidates import stage_dir
 from xinst_jax.data.records import RecordReader
@@ -58,7 +59,7 @@ KEPT = ("best", "fixed")
 
 
 def candidates_path(cfg: Config) -> Path:
-    path = Path(cfg.curate.candidates) if cfg.curate.candidates else stage_dir(cfg, "candidates")
+    path = paths.as_path(cfg.curate.candidates) if cfg.curate.candidates else stage_dir(cfg, "candidates")
     if path.is_dir():
         path = path / "candidates.jsonl"
     if not path.is_file():

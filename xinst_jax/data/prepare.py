@@ -47,8 +47,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from xinst_jax import paths as path_layer  # `paths` below names a run's shard files
 from xinst_jax.config import Config, DataConfig
-from xinst_jax.data.records import DataError, RecordReader, glob_files, import_tf, is_remote
+from xinst_jax.data.records import DataError, RecordReader, glob_files, import_tf
 from xinst_jax.data.templates import TEMPLATE_VERSION, template_name
 from xinst_jax.data.tokenizer import load_tokenizer
 from xinst_jax.jobs import register_job
@@ -156,34 +157,26 @@ class _Inline:
 
 
 # --------------------------------------------------------------------------- file helpers (local or gs://)
-
-
-def _gfile():
-    return import_tf().io.gfile
+# Through the path layer (xinst_jax/paths.py); only the TFRecord writer itself is TensorFlow's.
 
 
 def _read_json(path: str) -> Optional[dict]:
-    gf = _gfile()
-    if not gf.exists(path):
+    if not path_layer.exists(path):
         return None
     try:
-        with gf.GFile(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+        return json.loads(path_layer.read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    gf = _gfile()
-    tmp = path + ".tmp"
-    with gf.GFile(tmp, "wb") as f:
-        f.write((json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
-    gf.rename(tmp, path, overwrite=True)
+    text = json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+    path_layer.write_atomic(path, text.encode("utf-8"))
 
 
 def _sha256(path: str) -> tuple[str, int]:
     h, size = hashlib.sha256(), 0
-    with _gfile().GFile(path, "rb") as f:
+    with path_layer.open(path, "rb") as f:
         while True:
             block = f.read(1 << 22)
             if not block:
@@ -200,7 +193,7 @@ def _source_sizes(cfg: DataConfig) -> list:
             out.append([f"tfds:{inp.tfds_name}/{inp.split}", inp.tfds_data_dir])
             continue
         for path in glob_files(inp.path):
-            size = _gfile().stat(path).length if is_remote(path) else os.path.getsize(path)
+            size = path_layer.size(path)
             out.append([path, size])
     return out
 
@@ -312,22 +305,21 @@ def run_prepare(cfg: Config) -> PrepareResult:
     index = process_index(cfg)
     if index > 0:
         return _wait_for_manifest(out_dir, fp, index)
-    gf = _gfile()
-    gf.makedirs(out_dir)
+    path_layer.makedirs(out_dir)
     n = data.num_shards
     names = [shard_name(data.split, s, n) for s in range(n)]
     paths = [os.path.join(out_dir, name) for name in names]
     markers: list[Optional[dict]] = []
     for path in paths:
         marker = _read_json(path + MARKER_SUFFIX)
-        ok = marker is not None and marker.get("fingerprint") == fp and gf.exists(path)
-        if ok and gf.stat(path).length != marker.get("bytes"):
+        ok = marker is not None and marker.get("fingerprint") == fp and path_layer.exists(path)
+        if ok and path_layer.size(path) != marker.get("bytes"):
             ok = False
         markers.append(marker if ok else None)
     todo = [s for s in range(n) if markers[s] is None]
-    if todo and gf.exists(os.path.join(out_dir, MANIFEST)):
-        gf.remove(os.path.join(out_dir, MANIFEST))  # never describe shards that are being rewritten
-    stale = sorted(set(gf.glob(os.path.join(out_dir, f"{data.split}-*-of-*.tfrecord"))) - set(paths))
+    if todo:
+        path_layer.remove(os.path.join(out_dir, MANIFEST))  # never describe shards that are being rewritten
+    stale = sorted(set(path_layer.glob(os.path.join(out_dir, f"{data.split}-*-of-*.tfrecord"))) - set(paths))
     for path in stale:
         log.warning("%s: not one of this run's %d shards (another num_shards?); readers should use manifest.json", path, n)
     log.info("prepare: %d of %d shards to write into %s (%s)", len(todo), n, out_dir,
@@ -383,8 +375,7 @@ def run_prepare(cfg: Config) -> PrepareResult:
             pool.terminate()
         for s, w in writers.items():
             w.close()
-            if gf.exists(paths[s] + ".tmp"):
-                gf.remove(paths[s] + ".tmp")
+            path_layer.remove(paths[s] + ".tmp")
         raise
     if pool is not None:
         pool.close()
@@ -394,7 +385,7 @@ def run_prepare(cfg: Config) -> PrepareResult:
     for s in todo:
         writers[s].close()
         assert written_counts[s] == counts[s], (s, written_counts[s], counts[s])
-        gf.rename(paths[s] + ".tmp", paths[s], overwrite=True)
+        path_layer.replace(paths[s] + ".tmp", paths[s])
         digest, size = _sha256(paths[s])
         markers[s] = {"fingerprint": fp, "file": names[s], "examples": counts[s], "bytes": size, "sha256": digest,
                       "languages": {lang: {"lengths": {str(k): v for k, v in sorted(h.items())},
@@ -457,7 +448,7 @@ def read_manifest(directory: str) -> dict:
     (token lengths of the full sequences), num_shards,
     shards [{file, examples, complete, bytes, sha256, languages {lang: n}}]."""
     path = os.path.join(directory, MANIFEST)
-    if is_remote(directory):
+    if path_layer.is_remote(directory):
         manifest = _read_json(path)
     else:
         try:

@@ -9,9 +9,10 @@ This is the one reader of records: prepare, train_tokenizer and the generate job
 bad line is skipped and counted (or, with strict, raised) the same way everywhere.
 `RecordReader.read_located` yields each record with its source and line (`Located`).
 
-Sources: local paths are opened with plain `open`; `gs://` paths go through `tf.io.gfile`
-(TensorFlow imported lazily, only then). `DataInputConfig.path` is a file, a glob, or a
-directory (its *.jsonl, *.jsonl.gz and *.parquet files); files are read in sorted order.
+Sources: files are opened through the path layer (xinst_jax/paths.py): plain `open` for local
+paths, etils.epath for `gs://` URLs (tf.io.gfile underneath when TensorFlow is installed).
+`DataInputConfig.path` is a file, a glob, or a directory (its *.jsonl, *.jsonl.gz and *.parquet
+files); files are read in sorted order.
 `DataInputConfig.tfds_name` reads a TFDS dataset by name (`tfds.builder(name, data_dir)`; already
 prepared, never downloaded here).
 
@@ -44,7 +45,6 @@ stripping, no Unicode normalisation): what the tokenizer sees is what the file h
 from __future__ import annotations
 
 import collections
-import glob as _glob
 import gzip
 import json
 import logging
@@ -52,7 +52,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
+from xinst_jax import paths
 from xinst_jax.config import ConfigError, DataInputConfig
+from xinst_jax.paths import import_tf, is_remote  # noqa: F401 (re-exported: prepare, tokenizer, ...)
 
 log = logging.getLogger(__name__)
 
@@ -68,43 +70,20 @@ class DataError(ConfigError):
     """Bad input data or a data path that does not resolve (exit code 2 at the entry point)."""
 
 
-# --------------------------------------------------------------------------- TensorFlow, lazily
-
-
-def import_tf():
-    """TensorFlow for gs:// I/O, TFDS and TFRecords: quiet, CPU only. Imported on first use."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:
-        pass  # already initialised: visible devices were fixed by the first user
-    return tf
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
+# --------------------------------------------------------------------------- files (the path layer)
 
 
 def open_binary(path: str, mode: str = "rb"):
-    """A binary file object: plain `open` for local paths, `tf.io.gfile.GFile` for gs:// and co."""
-    if is_remote(path):
-        return import_tf().io.gfile.GFile(path, mode)
-    return open(path, mode)
+    """A binary file object through the path layer: plain `open` locally, epath for gs:// and co."""
+    return paths.open(path, mode)
 
 
 def glob_files(pattern: str) -> list[str]:
-    if is_remote(pattern):
-        tf = import_tf()
-        if tf.io.gfile.isdir(pattern):
-            return sorted(p for p in (os.path.join(pattern.rstrip("/"), n) for n in tf.io.gfile.listdir(pattern))
-                          if p.endswith(FILE_SUFFIXES))
-        return sorted(tf.io.gfile.glob(pattern))
-    if os.path.isdir(pattern):
-        return sorted(os.path.join(pattern, n) for n in os.listdir(pattern) if n.endswith(FILE_SUFFIXES))
-    return sorted(_glob.glob(pattern))
+    """A directory's record files, or the files a glob (or a plain path) names, sorted."""
+    if paths.isdir(pattern):
+        base = pattern.rstrip("/") if is_remote(pattern) else pattern
+        return [paths.join(base, n) for n in paths.listdir(pattern) if n.endswith(FILE_SUFFIXES)]
+    return paths.glob(pattern)
 
 
 # --------------------------------------------------------------------------- stats

@@ -35,6 +35,7 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+from xinst_jax import paths
 from xinst_jax.data.records import DataError, is_remote, open_binary
 
 BYTES = "bytes"  # load_tokenizer's name for ByteTokenizer
@@ -301,19 +302,11 @@ def _without_prefix_space(node: Any) -> Any:
 
 
 def _exists(path: str) -> bool:
-    if is_remote(path):
-        from xinst_jax.data.records import import_tf
-
-        return import_tf().io.gfile.exists(path)
-    return os.path.exists(path)
+    return paths.exists(path)
 
 
 def _isdir(path: str) -> bool:
-    if is_remote(path):
-        from xinst_jax.data.records import import_tf
-
-        return import_tf().io.gfile.isdir(path)
-    return os.path.isdir(path)
+    return paths.isdir(path)
 
 
 def _beside(path: str, name: str) -> str:

@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from xinst_jax import paths
 from xinst_jax.config import CONFIG_DIR, Config, ConfigError, DataInputConfig, ModelConfig
 from xinst_jax.data.records import Located, RecordReader
 from xinst_jax.jobs import register_job
@@ -218,8 +219,8 @@ def _validate(cfg: Config) -> Path:
             raise ConfigError(f"generate.{key}: must be >= 1, got {getattr(gen, key)}")
     if not gen.prompt_buckets or any(b < 1 for b in gen.prompt_buckets):
         raise ConfigError(f"generate.prompt_buckets: expected positive lengths, got {gen.prompt_buckets}")
-    path = Path(gen.input) if gen.input else DEMO_PROMPTS
-    if not path.is_file():
+    path = paths.as_path(gen.input) if gen.input else DEMO_PROMPTS
+    if not paths.is_remote(path) and not path.is_file():  # a URL is read (and reported) by the records reader
         raise ConfigError(f"generate.input: {path} not found")
     if not path.name.endswith((".jsonl", ".jsonl.gz", ".parquet")):
         raise ConfigError(f"generate.input: {path}: expected a .jsonl, .jsonl.gz or .parquet file")
@@ -239,7 +240,7 @@ def run_generate(cfg: Config) -> dict:
     task = Task.from_generate_config(gen, tokenizer)
     setup_runtime(cfg.distributed)
     process, count = jax.process_index(), jax.process_count()
-    out = Path(gen.output) if gen.output else cfg.resolved_run_dir() / "generate"
+    out = paths.as_path(gen.output) if gen.output else cfg.resolved_run_dir() / "generate"
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -249,7 +250,7 @@ def run_generate(cfg: Config) -> dict:
     check_tokenizer_fits(tokenizer, model, "generate.tokenizer")
     settings = sampling_settings(cfg, model, tokenizer)
     manifest = {
-        "input": str(input_path.resolve()), "input_sha256": scan.fingerprint, "records": scan.records,
+        "input": paths.absolute(input_path), "input_sha256": scan.fingerprint, "records": scan.records,
         "shard_size": gen.shard_size, "model_source": source, "model": dataclasses.asdict(model),
         "tokenizer": gen.tokenizer, "tokenizer_sha256": tokenizer.sha256(), "template": task.describe(),
         "settings": {k: v for k, v in dataclasses.asdict(gen).items()

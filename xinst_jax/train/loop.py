@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from xinst_jax import paths
 from xinst_jax.checkpoint import Checkpointer
 from xinst_jax.config import (Config, ConfigError, architecture_is_default, check_same_architecture, to_dict,
                               validate)
@@ -265,7 +266,7 @@ class ExportHF:
 
         cfg = self.cfg
         tokenizer = cfg.export.tokenizer_dir or cfg.data.tokenizer
-        tokenizer_dir = tokenizer if not tokenizer or os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
+        tokenizer_dir = tokenizer if not tokenizer or paths.isdir(tokenizer) else os.path.dirname(tokenizer)
         out = export_hf(params, cfg.model, cfg.export.out or cfg.resolved_run_dir() / "hf",
                         dtype=cfg.export.dtype, max_shard_bytes=cfg.export.max_shard_bytes,
                         tokenizer_dir=tokenizer_dir or None)
@@ -295,8 +296,7 @@ def resolve_model(cfg: Config) -> Config:
         return cfg
     from xinst_jax.convert.hf import model_for_hf_dir
 
-    if not Path(cfg.train.init_from).is_dir():
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} is not a directory")
+    paths.check_dir("train.init_from", cfg.train.init_from)
     try:
         cfg = dataclasses.replace(cfg, model=model_for_hf_dir(cfg.model, cfg.train.init_from))
     except ConfigError as e:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError
 from xinst_jax.model.llama import init_params, join_trainable, logical_axes, param_shapes, split_trainable
 from xinst_jax.sharding import (activation_sharding, batch_sharding, make_mesh, parse_rules, replicated,
@@ -77,9 +77,8 @@ def load_pretrained(cfg: Config, rng: jax.Array, optimizer, state_sh: dict) -> d
     layout (never a random init first), and the optimizer state is created for it."""
     from xinst_jax.convert.hf import import_hf
 
-    if not Path(cfg.train.init_from).is_dir():
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} is not a directory")
-    _, params = import_hf(cfg.train.init_from, cfg.model, shardings=state_sh["params"])
+    paths.check_dir("train.init_from", cfg.train.init_from)
+    _, params = import_hf(cfg.train.init_from, cfg.model, shardings=state_sh["params"])  # gs://: copied once
     params_rng, state_rng = jax.random.split(rng)  # the same split init_state makes
     if cfg.model.lora_rank > 0:  # fresh adapters (b = 0) beside the imported weights
         adapter_sh = split_trainable(state_sh["params"], cfg.model)[0]
