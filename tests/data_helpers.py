@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 from pathlib import Path
 
 LANGS = ["bn", "fi", "hi", "id", "sw", "ta", "th", "tr", "ur", "vi"]
@@ -82,3 +84,29 @@ def tiny_hf_model(out: Path, seed: int) -> Path:
     cfg = model_preset("tiny")
     export_hf(init_params(cfg, jax.random.PRNGKey(seed)), cfg, out, dtype="float32")
     return out
+
+
+def readme_pod_commands() -> tuple[dict[str, str], list[list[str]]]:
+    """The README's TPU pod section as a user would run it: its `export NAME=value` settings, and
+    each `python launch/tpu_vm.py ...` command as argv (after the program name) with them filled in."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### On a TPU pod"):]
+    section = section[:section.index("\n## ")]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    env = dict(re.match(r"\s*export (\w+)=(\S+)$", line).groups() for line in lines
+               if re.match(r"\s*export \w+=[^$(]+$", line))
+
+    def filled(command: str) -> list[str]:
+        for name, value in env.items():
+            command = command.replace(f"${name}", value)
+        return shlex.split(command)[2:]
+
+    commands = [filled(line.strip()) for line in lines if line.strip().startswith("python launch/tpu_vm.py")]
+    return env, commands
+
+
+def run_sets(argv: list[str]) -> list[str]:
+    """The `--set KEY=VALUE` overrides after `--` in a launcher command."""
+    args = argv[argv.index("--") + 1:]
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]

@@ -17,20 +17,15 @@ import jax
 import numpy as np
 import pytest
 
+from data_helpers import readme_pod_commands, run_sets
 from memory_gcs import memory_gcs
 from xinst_jax import paths
 from xinst_jax.config import ConfigError, load_config, model_preset
 
 BUCKET = "gs://bucket"
-# The README's pod command (`python launch/tpu_vm.py ... -- --config sft_xinst` + these), as given there.
-README_POD_SETS = [
-    "train.init_from=gs://bucket/llama3-8b-hf",
-    "data.tokenizer=gs://bucket/llama3-8b-hf",
-    "data.inputs=[{path: gs://bucket/xinst/*.jsonl}]",
-    "data.prepared_dir=gs://bucket/runs/sft_xinst/data",
-    "checkpoint.dir=gs://bucket/runs/sft_xinst/checkpoints",
-    "export.out=gs://bucket/runs/sft_xinst/hf",
-]
+# The README's pod command (`python launch/tpu_vm.py ... -- --config sft_xinst --set ...`), as written there.
+README_POD_SETS = run_sets(readme_pod_commands()[1][0])
+README_BUCKET = readme_pod_commands()[0]["BUCKET"]
 
 
 @pytest.fixture
@@ -233,7 +228,7 @@ def test_the_readme_pod_command_validates_without_a_bucket(monkeypatch):
 
     cfg = load_config("sft_xinst", README_POD_SETS)
     assert (cfg.train.init_from, cfg.data.inputs[0].path, cfg.checkpoint.dir) == (
-        "gs://bucket/llama3-8b-hf", "gs://bucket/xinst/*.jsonl", "gs://bucket/runs/sft_xinst/checkpoints")
+        f"{README_BUCKET}/llama3-8b-hf", f"{README_BUCKET}/xinst/*.jsonl", f"{README_BUCKET}/sft_xinst/checkpoints")
     monkeypatch.setattr(paths, "exists", no_bucket)
     monkeypatch.setattr(paths, "isdir", no_bucket)
     check_finetune_config(cfg)
@@ -242,7 +237,7 @@ def test_the_readme_pod_command_validates_without_a_bucket(monkeypatch):
     gen = load_config("generate_demo", [f"generate.input={BUCKET}/in.jsonl", f"generate.output={BUCKET}/out",
                                         f"generate.hf_dir={BUCKET}/hf", f"generate.tokenizer={BUCKET}/hf"])
     assert str(_validate(gen)) == f"{BUCKET}/in.jsonl"
-    assert str(export_job.export_out_dir(cfg)) == "gs://bucket/runs/sft_xinst/hf"
+    assert str(export_job.export_out_dir(cfg)) == f"{README_BUCKET}/sft_xinst/hf"
     curate = load_config("candidates_xinst", [f"curate.out={BUCKET}/curate",
                                               f"curate.corpus=[{{path: {BUCKET}/c/*.jsonl}}]"])
     assert curate.curate.out == f"{BUCKET}/curate"

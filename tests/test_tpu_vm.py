@@ -6,7 +6,6 @@ network, no GCP project."""
 import importlib.util
 import json
 import os
-import re
 import shlex
 import stat
 import sys
@@ -14,9 +13,9 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
+from data_helpers import readme_pod_commands, run_sets
 
 TPU_VM = os.path.join(REPO_ROOT, "launch", "tpu_vm.py")
-POD_SECTION = os.path.join(REPO_ROOT, "launch", "README_pod_section.md")
 RUN_ARGS = ["--", "--config", "tiny_synthetic", "--set", "train.steps=2"]
 
 
@@ -298,27 +297,13 @@ def test_existing_vm_runs_without_create_or_delete(tmp_path, fake_gcloud, capsys
 
 # ---------------------------------------------------------------- the README's pod commands
 
-def readme_commands() -> tuple[dict[str, str], list[str]]:
-    """`export K=V` lines and `python launch/tpu_vm.py ...` commands of the markdown's code blocks."""
-    text = open(POD_SECTION).read()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    env = dict(re.match(r"\s*export (\w+)=(\S+)$", line).groups() for line in lines
-               if re.match(r"\s*export \w+=[^$(]+$", line))
-    commands = [line.strip() for line in lines if line.strip().startswith("python launch/tpu_vm.py")]
-    return env, commands
-
-
-def test_readme_pod_commands_dry_run(capsys, monkeypatch):
-    env, commands = readme_commands()
+def test_readme_pod_commands_dry_run(capsys):
+    env, commands = readme_pod_commands()
     assert {"PROJECT", "ZONE", "BUCKET"} <= set(env) and len(commands) >= 2
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for command in commands:
-        argv = shlex.split(os.path.expandvars(command))[2:]
-        run_args = argv[argv.index("--") + 1:]
+    for argv in commands:
+        sets = run_sets(argv)
         for key in ("train.init_from", "data.tokenizer", "checkpoint.dir", "export.out", "data.prepared_dir"):
-            assert any(a.startswith(f"{key}=gs://") for a in run_args), (key, command)
+            assert any(a.startswith(f"{key}=gs://") for a in sets), (key, argv)
         assert tpu_vm.main(argv[:argv.index("--")] + ["--dry-run"] + argv[argv.index("--"):]) == 0, \
             capsys.readouterr().err
         out = capsys.readouterr().out
