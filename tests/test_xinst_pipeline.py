@@ -147,6 +147,9 @@ def test_seed_pairs_counted_and_a_language_without_any_refused(tmp_path, capsys)
         Pipeline(cfg).run()
     per_lang = sum(1 for line in seed.read_text(encoding="utf-8").splitlines() if '"lang": "th"' in line)
     assert f"seed pairs per language: th {per_lang}, sw {per_lang}, ta 0" in capsys.readouterr().out
+    # the final model reads whatever languages the diversify stage wrote (a language may have none)
+    sft = Pipeline(load_config("xinst_pipeline", overrides(tmp_path, seed, corpus))).stage_config("sft")
+    assert [(i.path, i.lang) for i in sft.data.inputs] == [(str(tmp_path / "run" / "diversify"), "")]
     with pytest.raises(ConfigError, match="pipeline.from_stage: unknown stage 'nope'"):
         Pipeline(load_config("xinst_pipeline", ["pipeline.from_stage=nope"]))
     with pytest.raises(ConfigError, match="pipeline.stages: unknown stage"):

@@ -110,7 +110,9 @@ class Pipeline:
             "diversify": {**common, "job": "diversify", "run_dir": str(r / "logs" / "diversify"), "curate.out": str(r),
                           "curate.diversify.input": str(r / "refine" / "refined.jsonl")},
             "sft": {**common, **trained, "run_dir": str(r / "sft"),
-                    "data.inputs": [{"path": str(r / "diversify" / f"{lang}.jsonl"), "lang": lang} for lang in langs]},
+                    # the directory, not a file per language: a language whose pairs were all
+                    # dropped has no file, and the records carry their own `lang`
+                    "data.inputs": [{"path": str(r / "diversify")}]},
         }[stage]
 
     def stage_config(self, stage: str) -> Config:
