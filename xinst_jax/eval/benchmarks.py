@@ -63,6 +63,9 @@ XCOPA_CONNECTORS: dict[str, dict[str, str]] = {
     "vi": {"cause": "bởi vì", "effect": "vì vậy"},
 }
 TARGET_DELIMITER = " "  # lm-eval's default for multiple_choice tasks
+# lm-eval task files for XCOPA over local files with lm-eval's own xcopa prompts (`--include_path`):
+# lm-eval's local-completions against our `serve` scores them as score_xcopa does, item for item.
+LM_EVAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 XCOPA_SPLITS = ("val", "test")  # file stems lm-eval's layout uses: <lang>/<split>.<lang>.jsonl
 XCOPA_FIELDS = ("premise", "choice1", "choice2", "question", "label")
 

@@ -54,7 +54,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +77,11 @@ log = logging.getLogger(__name__)
 
 FINISH_LENGTH, FINISH_STOP = 0, 1
 FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop"}
+
+# generate(progress=...): called on the host with (prompt index, the row's tokens so far, its
+# finish reason or None while it runs) whenever a row has new tokens: after every decode chunk in
+# the continuous schedule (what streaming servers send), once per row at the end of a static batch.
+Progress = Callable[[int, list[int], Optional[str]], None]
 
 
 @dataclasses.dataclass
@@ -475,14 +480,19 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings,
                  row_ids: Sequence[int] | None = None, max_new_tokens: Sequence[int] | None = None,
-                 schedule: str | None = None) -> GenerationOutput:
+                 schedule: str | None = None, progress: Progress | None = None,
+                 chunk_steps: int | None = None) -> GenerationOutput:
         """Generate for every prompt (token lists, each non-empty). `row_ids` (default 0..n-1)
         seed each row's sampling: the same id and seed give the same sample in any batch.
         `max_new_tokens`: each prompt's own limit (default: all `settings.max_new_tokens`, which
         caps them); a row reaching its limit finishes "length". `schedule` (default: the
         engine's): "static" or "continuous" batching; both give a row the same tokens (bit for bit
-        in float32; in bfloat16 up to near-ties, see the module notes)."""
+        in float32; in bfloat16 up to near-ties, see the module notes). `progress`: see `Progress`.
+        `chunk_steps` (continuous): decode steps between returns to the host for this call (default:
+        the engine's); a runtime bound, so another value neither recompiles nor changes tokens."""
         settings.validate()
+        if chunk_steps is not None and chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
         schedule = schedule or self.schedule
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -505,7 +515,8 @@ class Engine:
         if n == 0:
             return GenerationOutput([], [], [], [])
         if schedule == "continuous":
-            return self._generate_continuous(prompts, settings, row_ids, limits)
+            return self._generate_continuous(prompts, settings, row_ids, limits, progress,
+                                             chunk_steps or self.chunk_steps)
         max_bucket = self.buckets[-1]
         tokens_out: list[list[int]] = [[] for _ in range(n)]
         finish_out = ["length"] * n
@@ -536,14 +547,17 @@ class Engine:
             for r, i in enumerate(idx):
                 tokens_out[i] = generated[r, :count[r]].tolist()
                 finish_out[i] = FINISH_NAMES[int(finish[r])]
+                if progress is not None:
+                    progress(i, tokens_out[i], finish_out[i])
         return GenerationOutput(tokens_out, finish_out, used, truncated)
 
-    def _generate_continuous(self, prompts, settings: SamplingSettings, row_ids: list[int], limits: list[int]
-                             ) -> GenerationOutput:
+    def _generate_continuous(self, prompts, settings: SamplingSettings, row_ids: list[int], limits: list[int],
+                             progress: Progress | None, chunk_steps: int) -> GenerationOutput:
         """Continuous batching: `batch_size` slots on the device; the host prefills waiting prompts
         (shortest first, `refill_size` at a time, each group in its own bucket) into free slots,
         then runs the decode chunk until enough slots are free for the next group, and collects
-        the rows that finished. One device-to-host read per chunk, not per token."""
+        the rows that finished. One device-to-host read per chunk, not per token (with `progress`,
+        that read also takes the running rows' tokens)."""
         n = len(prompts)
         max_bucket = self.buckets[-1]
         used = [min(len(p), max_bucket) for p in prompts]
@@ -584,18 +598,23 @@ class Engine:
             if not running:
                 break
             threshold = min(group, len(waiting)) if waiting else rows
-            ran, state = self._chunk(self.params, state, np.int32(threshold), np.int32(self.chunk_steps),
+            ran, state = self._chunk(self.params, state, np.int32(threshold), np.int32(chunk_steps),
                                      settings=settings)
             done, count, finish, ran = jax.device_get((state["done"], state["step"], state["finish"], ran))
             chunks += 1
             steps += int(ran)
             finished = [r for r in running if done[r]]
-            if finished:
+            if finished or progress is not None:
                 history, base = jax.device_get((state["history"], state["base"]))
                 for r in finished:
                     i = running.pop(r)
                     tokens_out[i] = history[r, base[r]:base[r] + count[r]].tolist()
                     finish_out[i] = FINISH_NAMES[int(finish[r])]
+                    if progress is not None:
+                        progress(i, tokens_out[i], finish_out[i])
+                if progress is not None:
+                    for r, i in running.items():
+                        progress(i, history[r, base[r]:base[r] + count[r]].tolist(), None)
                 free = sorted(free + finished)
         self.timings.append(BatchTiming(bucket=top, rows=n, prefill_s=0.0, decode_s=time.perf_counter() - t0,
                                         steps=steps, new_tokens=sum(len(t) for t in tokens_out),

@@ -5,6 +5,12 @@ to `batch_wait_s` for more, and runs every waiting request with the same samplin
 `engine.generate` call (each row with its own max_tokens limit), up to the engine's batch size in
 rows per call round. Scoring requests (echo + logprobs) are batched the same way. A full queue
 refuses at once (`QueueFull`: the server answers 503), so a burst never hangs its clients.
+
+Streaming: a Work with `on_tokens` hears its rows' tokens as the engine produces them (the
+engine's `progress`, called after every decode chunk of the continuous schedule). A batch holding
+a streamed request decodes `stream_chunk_steps` steps between returns to the host instead of the
+engine's `chunk_steps`: the first text goes out sooner, at a host round trip per chunk; the tokens
+are the same either way.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import itertools
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 from xinst_jax.infer.sampling import SamplingSettings
 
@@ -32,6 +38,8 @@ class Work:
     settings: SamplingSettings | None = None
     limits: list[int] | None = None  # per-row max new tokens
     row_ids: list[int] | None = None
+    # (row of this work, its tokens so far, finish reason or None), on the engine's thread
+    on_tokens: Optional[Callable[[int, list[int], Optional[str]], None]] = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
     def key(self):
@@ -39,8 +47,9 @@ class Work:
 
 
 class Batcher:
-    def __init__(self, engine: Any, max_queue: int, batch_wait_s: float):
+    def __init__(self, engine: Any, max_queue: int, batch_wait_s: float, stream_chunk_steps: int = 4):
         self.engine = engine
+        self.stream_chunk_steps = stream_chunk_steps
         self.queue: queue.Queue[Work] = queue.Queue(maxsize=max_queue)
         self.batch_wait_s = batch_wait_s
         self.stopping = threading.Event()
@@ -102,7 +111,10 @@ class Batcher:
                 prompts = [r for w in group for r in w.rows]
                 limits = [m for w in group for m in w.limits]
                 ids = [i for w in group for i in w.row_ids]
-                out = self.engine.generate(prompts, group[0].settings, row_ids=ids, max_new_tokens=limits)
+                streamed = any(w.on_tokens is not None for w in group)
+                out = self.engine.generate(prompts, group[0].settings, row_ids=ids, max_new_tokens=limits,
+                                           progress=_route_progress(group) if streamed else None,
+                                           chunk_steps=self.stream_chunk_steps if streamed else None)
                 start = 0
                 for w in group:
                     n = len(w.rows)
@@ -122,3 +134,15 @@ class Batcher:
             for w in group:
                 if not w.future.done():
                     w.future.set_exception(e)
+
+
+def _route_progress(group: list[Work]) -> Callable[[int, list[int], Optional[str]], None]:
+    """The engine's progress over the group's rows -> each streamed work's own rows."""
+    owners = [(w, j) for w in group for j in range(len(w.rows))]
+
+    def progress(i: int, tokens: list[int], finish: Optional[str]) -> None:
+        work, row = owners[i]
+        if work.on_tokens is not None:
+            work.on_tokens(row, tokens, finish)
+
+    return progress

@@ -15,10 +15,20 @@ Endpoints (FastAPI on uvicorn):
                                `sft` prompt of the last user message with "Answer in {Language}."
                                when the request names a `language` (an extra body field, ISO 639-1),
                                the same prompt without that sentence otherwise; stream
+  GET  /tokenizer_info         the tokenizer's special token names (vLLM's endpoints, which
+  POST /tokenize, /detokenize  lm-evaluation-harness's `tokenizer_backend=remote` uses: a client
+                               then counts tokens exactly as this server does)
 
-Texts are prompted as the `raw` Task does (the tokenizer's BOS, then the text). Streaming sends
-server-sent events ending in `data: [DONE]`; the events are cut from the finished generation
-(the engine returns a request's tokens when its batch ends), not produced token by token.
+Texts are prompted as the `raw` Task does (the tokenizer's BOS, then the text); token-id prompts
+are used as given. Streaming (`stream: true`, serve/streaming.py) sends server-sent events as the
+engine decodes: every few decode steps each choice's new text (whole characters, never past a
+stop string), then its finish reason, optionally usage (`stream_options.include_usage`), then
+`data: [DONE]`; the streamed text equals the plain answer. (That is the continuous schedule, the
+default; with generate.schedule=static a choice's text comes when its batch ends.) A streamed
+completion with `logprobs` is the exception: its events are cut from the finished response.
+`logprobs.tokens` are each token's share of the text (a token that only starts a character has
+""), so `text_offset` points into the returned text. One greedy token with logprobs (lm-eval's
+log-likelihood request) is read off the scoring pass: `next_token_choices`.
 Concurrent requests are batched together in the engine (serve/batcher.py); the queue is bounded
 (`serve.max_queue`): a full queue answers 503 at once. Bad requests get a 4xx with an OpenAI-style
 error body naming the field. SIGTERM stops accepting connections, lets the requests in flight
@@ -35,12 +45,13 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from fastapi import Request  # at module level: the handlers' annotations are resolved from here
 
 from xinst_jax.config import Config, ConfigError
 from xinst_jax.jobs import register_job
+from xinst_jax.serve.detok import token_pieces
 from xinst_jax.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -185,6 +196,30 @@ async def run_score(service: Service, sequences: list[list[int]]) -> list[tuple]
     return await asyncio.wrap_future(service.batcher.submit(work))
 
 
+def start_stream(service: Service, prompts: list[list[int]], n: int, settings, max_tokens: int, seeded: bool,
+                 stops: list[str], body: dict, chat: bool, heads: Sequence[str] = ()):
+    """A streamed generation's response (streaming.py); raises QueueFull before it starts."""
+    from fastapi.responses import StreamingResponse
+
+    from xinst_jax.serve.batcher import Work
+    from xinst_jax.serve.streaming import RowText, Stream, stream_events, submit_streamed
+
+    include_usage = _include_usage(body)
+    rows = [p for p in prompts for _ in range(n)]
+    ids = list(range(len(rows))) if seeded else service.batcher.fresh_row_ids(len(rows))
+    events, future = submit_streamed(service.batcher, Work("generate", rows, settings, [max_tokens] * len(rows), ids))
+    texts = [RowText(service.tokenizer, stops, service.base_settings.stop_token_ids) for _ in rows]
+    stream = Stream(service.cfg.serve.model_name, chat, texts, sum(len(p) for p in prompts), include_usage)
+    return StreamingResponse(stream_events(stream, events, future, heads), media_type="text/event-stream")
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("stream_options must be an object", "stream_options")
+    return bool(options.get("include_usage", False))
+
+
 def decode_text(service: Service, tokens: list[int], finish: str, stops: list[str]) -> tuple[str, str]:
     stop_ids = service.base_settings.stop_token_ids
     if finish == "stop" and tokens and tokens[-1] in stop_ids:
@@ -258,23 +293,20 @@ def build_app(service: Service):
             raise RequestError("logprobs must be an integer from 0 to 5", "logprobs")
         echo = bool(body.get("echo", False))
         settings = service.settings_for(body)
+        seeded = body.get("seed") is not None
+        if body.get("stream") and logprobs is None and max_tokens > 0:
+            heads = [service.tokenizer.decode(p) for p in prompts for _ in range(n)] if echo else []
+            try:
+                return start_stream(service, prompts, n, settings, max_tokens, seeded, stops, body, chat=False,
+                                    heads=heads)
+            except QueueFull as e:
+                return overloaded(e)
         try:
-            if max_tokens > 0:
-                generated = await run_generate(service, prompts, n, settings, max_tokens, body.get("seed") is not None)
+            if logprobs is not None and max_tokens == 1 and settings.greedy and not settings.min_new_tokens:
+                choices = await next_token_choices(service, prompts, n, stops, echo)
             else:
-                generated = [[([], "length", len(p), False)] * n for p in prompts]
-            choices = []
-            for i, p in enumerate(prompts):
-                for j, (tokens, finish, _, _) in enumerate(generated[i]):
-                    tokens = list(tokens)[:max_tokens]
-                    text, finish = decode_text(service, tokens, finish, stops)
-                    choice = {"text": (service.tokenizer.decode(p) if echo else "") + text,
-                              "index": i * n + j, "logprobs": None, "finish_reason": finish}
-                    choices.append((choice, p, tokens))
-            if logprobs is not None:
-                scored = await run_score(service, [p + tokens for _, p, tokens in choices])
-                for (choice, p, tokens), (lps, tops, top_lps) in zip(choices, scored):
-                    choice["logprobs"] = logprob_block(service, p, tokens, lps, tops, top_lps, echo)
+                choices = await completion_choices(service, prompts, n, settings, max_tokens, seeded, stops, echo,
+                                                   logprobs is not None)
         except QueueFull as e:
             return overloaded(e)
         except ValueError as e:
@@ -285,8 +317,8 @@ def build_app(service: Service):
                     "model": name, "choices": [c for c, _, _ in choices],
                     "usage": {"prompt_tokens": usage_prompt, "completion_tokens": usage_completion,
                               "total_tokens": usage_prompt + usage_completion}}
-        if body.get("stream"):
-            return StreamingResponse(stream_events(response, chat=False), media_type="text/event-stream")
+        if body.get("stream"):  # with logprobs: the finished response, as events
+            return StreamingResponse(response_events(response), media_type="text/event-stream")
         return response
 
     @app.post("/v1/chat/completions")
@@ -299,8 +331,12 @@ def build_app(service: Service):
             raise RequestError("max_tokens must be at least 1", "max_tokens")
         stops = _stops(body)
         settings = service.settings_for(body)
+        seeded = body.get("seed") is not None
         try:
-            generated = await run_generate(service, [prompt], n, settings, max_tokens, body.get("seed") is not None)
+            if body.get("stream"):
+                return start_stream(service, [prompt], n, settings, max_tokens, seeded, stops, body, chat=True,
+                                    heads=[""] * n)
+            generated = await run_generate(service, [prompt], n, settings, max_tokens, seeded)
         except QueueFull as e:
             return overloaded(e)
         choices, completion = [], 0
@@ -312,20 +348,67 @@ def build_app(service: Service):
                     "model": name, "choices": choices,
                     "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
                               "total_tokens": len(prompt) + completion}}
-        if body.get("stream"):
-            return StreamingResponse(stream_events(response, chat=True), media_type="text/event-stream")
         return response
 
+    add_tokenizer_routes(app, service, json_body)
     return app
+
+
+async def completion_choices(service: Service, prompts: list[list[int]], n: int, settings, max_tokens: int,
+                             seeded: bool, stops: list[str], echo: bool, logprobs: bool) -> list[tuple]:
+    """(choice, prompt, generated tokens) per prompt and sample, in `index` order: generated, then
+    (with logprobs) the prompt and tokens scored."""
+    if max_tokens > 0:
+        generated = await run_generate(service, prompts, n, settings, max_tokens, seeded)
+    else:
+        generated = [[([], "length", len(p), False)] * n for p in prompts]
+    choices = []
+    for i, p in enumerate(prompts):
+        for j, (tokens, finish, _, _) in enumerate(generated[i]):
+            tokens = list(tokens)[:max_tokens]
+            text, finish = decode_text(service, tokens, finish, stops)
+            choice = {"text": (service.tokenizer.decode(p) if echo else "") + text,
+                      "index": i * n + j, "logprobs": None, "finish_reason": finish}
+            choices.append((choice, p, tokens))
+    if logprobs:
+        scored = await run_score(service, [p + tokens for _, p, tokens in choices])
+        for (choice, p, tokens), (lps, tops, top_lps) in zip(choices, scored):
+            choice["logprobs"] = logprob_block(service, p, tokens, lps, tops, top_lps, echo)
+    return choices
+
+
+async def next_token_choices(service: Service, prompts: list[list[int]], n: int, stops: list[str], echo: bool
+                             ) -> list[tuple]:
+    """`completion_choices` for one greedy token with logprobs -- what lm-eval's local-completions
+    sends for every log-likelihood request (echo, max_tokens 1, temperature 0). The token is the
+    argmax at the prompt's end in the scoring pass itself (a placeholder token appended: causal
+    attention keeps it out of that prediction), so one forward answers instead of a prefill, a
+    decode step and the scoring. Greedy decoding takes the same argmax (up to float near-ties
+    between the KV-cache and the full forward); requests with min_new_tokens go the long way."""
+    settings = service.base_settings
+    scored = await run_score(service, [p + [settings.pad_id] for p in prompts])
+    choices = []
+    for i, (p, (lps, tops, top_lps)) in enumerate(zip(prompts, scored)):
+        token = int(tops[-1])
+        lps = [*lps[:-1], top_lps[-1]]  # the placeholder's log p -> the chosen token's
+        stopped = token in settings.stop_token_ids or (token,) in settings.stop_sequences
+        text, finish = decode_text(service, [token], "stop" if stopped else "length", stops)
+        block = logprob_block(service, p, [token], lps, tops, top_lps, echo)
+        for j in range(n):
+            choice = {"text": (service.tokenizer.decode(p) if echo else "") + text, "index": i * n + j,
+                      "logprobs": block, "finish_reason": finish}
+            choices.append((choice, p, [token]))
+    return choices
 
 
 def logprob_block(service: Service, prompt: list[int], tokens: list[int], lps, tops, top_lps, echo: bool) -> dict:
     """OpenAI's completions `logprobs`: per token its text, log p, the most likely token with its
     log p (`top_logprobs`) and its character offset. With echo the prompt's tokens come first (the
-    first has no log p)."""
-    seq = list(prompt) + list(tokens)
+    first has no log p). A token's text is its share of the decoded text (detok.token_pieces), so
+    the prompt's join to the echoed prompt and `text_offset` (counted from the prompt's start, as
+    OpenAI does) points at each token's text even when tokens split characters."""
     first = 0 if echo else len(prompt)
-    texts = [service.tokenizer.decode([t]) for t in seq]
+    texts = token_pieces(service.tokenizer, prompt) + token_pieces(service.tokenizer, tokens)
     token_lps: list[Optional[float]] = [None] + [float(x) for x in lps]
     top: list[Optional[dict]] = [None] + [{service.tokenizer.decode([int(t)]): float(v)} for t, v in zip(tops, top_lps)]
     offsets, at = [], 0
@@ -336,23 +419,78 @@ def logprob_block(service: Service, prompt: list[int], tokens: list[int], lps, t
             "text_offset": offsets[first:]}
 
 
-async def stream_events(response: dict, chat: bool):
-    """The finished response as server-sent events: one event per choice's text, then a finishing
-    event per choice, then [DONE]."""
-    base = {k: response[k] for k in ("id", "created", "model")}
-    base["object"] = "chat.completion.chunk" if chat else "text_completion"
+async def response_events(response: dict):
+    """A finished completions response as server-sent events (a streamed request with logprobs):
+    one event per choice's text and logprobs, then a finishing event per choice, then [DONE]."""
+    from xinst_jax.serve.streaming import DONE, sse
+
+    base = {"id": response["id"], "object": "text_completion", "created": response["created"],
+            "model": response["model"]}
     for c in response["choices"]:
-        if chat:
-            deltas = [{"role": "assistant", "content": ""}, {"content": c["message"]["content"]}]
-            for d in deltas:
-                yield f"data: {json.dumps({**base, 'choices': [{'index': c['index'], 'delta': d, 'finish_reason': None}]}, ensure_ascii=False)}\n\n"
-            end = {"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}
-        else:
-            piece = {"text": c["text"], "index": c["index"], "logprobs": c["logprobs"], "finish_reason": None}
-            yield f"data: {json.dumps({**base, 'choices': [piece]}, ensure_ascii=False)}\n\n"
-            end = {"text": "", "index": c["index"], "logprobs": None, "finish_reason": c["finish_reason"]}
-        yield f"data: {json.dumps({**base, 'choices': [end]}, ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"
+        yield sse({**base, "choices": [dict(c, finish_reason=None)]})
+        yield sse({**base, "choices": [{"text": "", "index": c["index"], "logprobs": None,
+                                        "finish_reason": c["finish_reason"]}]})
+    yield DONE
+
+
+# --------------------------------------------------------------------------- tokenizer endpoints
+
+
+FALLBACK_NAMES = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}  # tokenizers without names
+
+
+def special_tokens(tokenizer) -> dict[str, tuple[str, int]]:
+    """bos/eos/pad token: (name, id), the name as the tokenizer spells it (a byte tokenizer has
+    none: the usual Llama names stand in)."""
+    out = {}
+    for key, tok_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
+                        ("pad_token", tokenizer.pad_id)):
+        if tok_id is not None:
+            name = tokenizer.decode([tok_id], skip_special_tokens=False) or FALLBACK_NAMES[key]
+            out[key] = (name, int(tok_id))
+    return out
+
+
+def tokenize_text(service: Service, text: str, add_special_tokens: bool) -> list[int]:
+    """/tokenize: a text that is exactly a special token's name is that token, as vLLM's (and
+    transformers') tokenizers have it -- lm-eval finds the EOS id by tokenizing its name. Any other
+    text keeps such strings literal, as every prompt here does."""
+    by_name = {name: tok_id for name, tok_id in special_tokens(service.tokenizer).values()}
+    if text in by_name:
+        return [by_name[text]]
+    return service.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
+
+
+def add_tokenizer_routes(app, service: Service, json_body) -> None:
+    """vLLM's tokenizer endpoints (outside /v1, where vLLM has them)."""
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        names = {key: name for key, (name, _) in special_tokens(service.tokenizer).items()}
+        return {"tokenizer_class": type(service.tokenizer).__name__, "vocab_size": service.tokenizer.vocab_size,
+                "model_max_length": service.engine.buckets[-1], **names}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await json_body(request)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise RequestError("prompt must be a string", "prompt")
+        add = body.get("add_special_tokens", True)
+        if not isinstance(add, bool):
+            raise RequestError("add_special_tokens must be a boolean", "add_special_tokens")
+        ids = tokenize_text(service, text, add)
+        return {"tokens": ids, "count": len(ids), "max_model_len": service.engine.buckets[-1]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await json_body(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise RequestError("tokens must be a list of token ids", "tokens")
+        if any(not 0 <= t < service.model.vocab_size for t in ids):
+            raise RequestError(f"token ids must be in 0..{service.model.vocab_size - 1}", "tokens")
+        return {"prompt": service.tokenizer.decode(ids)}
 
 
 # --------------------------------------------------------------------------- the job
