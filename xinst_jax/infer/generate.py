@@ -64,8 +64,7 @@ from jax.sharding import Mesh
 
 from xinst_jax.config import ModelConfig
 from xinst_jax.infer.buckets import DEFAULT_BUCKETS, pick_bucket
-from xinst_jax.infer.sampling import (SamplingSettings, candidate_scores, choose_tokens, ngram_banned_mask,
-                                      process_logits_full, row_keys)
+from xinst_jax.infer.sampling import SamplingSettings, choose_tokens, ngram_banned_mask, row_keys
 from xinst_jax.infer.score import ScoreOutput, chunk_positions, score_batches, score_rows
 from xinst_jax.model.kv_cache import CACHE_AXES, CACHE_SEGMENT_AXES, KVCache, grow_cache, init_cache
 from xinst_jax.model.llama import DTYPES, abstract_model, logical_axes, merge_lora, unstack_layers
@@ -117,31 +116,6 @@ def decode_segments(n_new: int, max_segments: int, min_steps: int) -> list[int]:
         return []
     k = max(1, min(max_segments, steps // max(min_steps, 1)))
     return [1 + (steps * (j + 1)) // k for j in range(k)]
-
-
-def choose_tokens_per_row(logits: jax.Array, settings: SamplingSettings, keys: jax.Array, steps: jax.Array,
-                          banned: jax.Array | None = None) -> jax.Array:
-    """`sampling.choose_tokens` with each row at its own step (steps [B]; the rows of a continuous
-    batch started at different times): row b draws with fold_in(keys[b], steps[b]), exactly what
-    choose_tokens draws for it at step = steps[b] in a static batch."""
-    if settings.greedy:
-        return choose_tokens(logits, settings, keys, jnp.int32(0), banned)
-
-    def sample(values, ids):
-        def one(key, step, v, i):
-            return i[jax.random.categorical(jax.random.fold_in(key, step), v)]
-
-        return jax.vmap(one)(keys, steps, values, ids)
-
-    values, ids, cut = candidate_scores(logits, settings, banned)
-    if cut is None:
-        return sample(values, ids)
-
-    def full_chain():  # rare: more than TIE_SLOTS tokens tie with the k-th score
-        scores = process_logits_full(logits, settings, banned)
-        return sample(scores, jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape))
-
-    return jax.lax.cond(jnp.any(cut), full_chain, lambda: sample(values, ids))
 
 
 def inference_config(cfg: ModelConfig, weight_dtype: str | None) -> ModelConfig:
@@ -395,7 +369,7 @@ class Engine:
                 True, mode="drop")
             early = stop_vocab[None, :] & (step < settings.min_new_tokens)[:, None]
             banned = early if banned is None else banned | early
-        tok = choose_tokens_per_row(logits, settings, rows["keys"], step, banned)
+        tok = choose_tokens(logits, settings, rows["keys"], step, banned)
         at = jnp.minimum(cur, width - 1)
         old = jnp.take_along_axis(history, at[:, None], axis=1)[:, 0]
         tok = jnp.where(done, settings.pad_id, tok)

@@ -181,17 +181,20 @@ def row_keys(seed: int, row_ids: Sequence[int] | jnp.ndarray) -> jnp.ndarray:
 
 def choose_tokens(logits: jnp.ndarray, settings: SamplingSettings, keys: jnp.ndarray, step: jnp.ndarray,
                   banned: jnp.ndarray | None = None) -> jnp.ndarray:
-    """[B, V] logits -> [B] int32 tokens (greedy or sampled with each row's key folded with `step`)."""
+    """[B, V] logits -> [B] int32 tokens, greedy or sampled: row b draws with fold_in(keys[b],
+    step) -- `step` one scalar for a static batch, or [B] with each row at its own step (the rows
+    of a continuous batch started at different times), which draws for a row exactly what the
+    static batch draws for it at that step."""
     if settings.greedy:
         scores = logits if banned is None else jnp.where(banned, NEG_INF, logits)
         return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    steps = jnp.broadcast_to(step, keys.shape[:1])
 
     def sample(values, ids):
-        def one(key, v, i):
-            pick = jax.random.categorical(jax.random.fold_in(key, step), v)
-            return i[pick]
+        def one(key, row_step, v, i):
+            return i[jax.random.categorical(jax.random.fold_in(key, row_step), v)]
 
-        return jax.vmap(one)(keys, values, ids)
+        return jax.vmap(one)(keys, steps, values, ids)
 
     values, ids, cut = candidate_scores(logits, settings, banned)
     if cut is None:
