@@ -30,8 +30,9 @@ demo: $(VENV)/.installed
 pipeline-demo: $(VENV)/.installed
 	$(PY) launch/tpu_run.py --config pipeline_demo
 
+# Two test processes (pytest-xdist), a file each at a time: compiling and subprocess waits overlap.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Skips the tests marked slow (CI runs everything).
 test-quick: $(VENV)/.installed-test

@@ -6,6 +6,9 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# torch (the numerical reference) on one thread, here and in subprocesses: its OpenMP threads slow
+# down many times over when another test process shares the cores (`make test` runs two).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -13,3 +16,10 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding a slow test first (stable otherwise): under `pytest -n 2 --dist loadfile`
+    the long end-to-end runs then start at once instead of last, so the two workers finish together."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -112,7 +112,7 @@ def loss_and_grads_of(attention: str, mesh: tuple[int, int, int], num_devices: i
     data, fsdp, tensor = mesh
     cfg = load_config("tiny_synthetic", overrides=[
         "model.vocab_size=256", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.head_dim=16", "model.mlp_dim=128", "model.num_layers=2", f"model.attention={attention}",
+        "model.head_dim=16", "model.mlp_dim=128", "model.num_layers=1", f"model.attention={attention}",
         "train.batch_size=8", "train.seq_len=128", "data.source=synthetic",
         f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"mesh.num_devices={num_devices}"])
     program = build_train_program(cfg, jax.devices()[:num_devices])
