@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# The test extra installs libtpu (the TPU compiler, for launch/aot_check.py), and with it every jax
+# process would first try to start a TPU: these targets are the CPU demos and tests.
+JAX_PLATFORMS ?= cpu
+export JAX_PLATFORMS
 
 .PHONY: demo pipeline-demo test test-quick setup setup-test clean
 

@@ -32,7 +32,11 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.30", "torch==2.13.0", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0",
                  "lm-eval[api]>=0.4.9.2",  # local-completions against our server (0.4.9.2: its remote tokenizer)
                  "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "pyarrow>=14", "py3langid>=0.3", "babel>=2.14",
-                 "datasketch>=1.6", "matplotlib>=3.8"],
+                 "datasketch>=1.6", "matplotlib>=3.8",
+                 # libtpu, the TPU compiler, for launch/aot_check.py's tests on CPU: jax's own tpu extra
+                 # pins the libtpu it pairs with (0.0.42.x for 0.10.2). docs/aot_fit_table.md was compiled
+                 # by this pair: move them together and regenerate the table.
+                 "jax[tpu]==0.10.2"],
         "tpu": ["jax[tpu]>=0.10.0"],
     },
 )

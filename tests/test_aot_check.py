@@ -24,8 +24,11 @@ AOT_CHECK = os.path.join(REPO_ROOT, "launch", "aot_check.py")
 
 
 def load_aot_check():
+    if "aot_check" in sys.modules:
+        return sys.modules["aot_check"]
     spec = importlib.util.spec_from_file_location("aot_check", AOT_CHECK)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["aot_check"] = module  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     return module
 
