@@ -48,6 +48,7 @@ def test_logits_keep_the_batch_split_and_match_unsharded(axes):
                                atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow  # compiles Llama-3-8B for TPU (~2 min): started first under `make test`
 def test_aot_check_fits_llama3_8b_on_v5p(tmp_path):
     """launch/aot_check.py compiles sft_xinst (Llama-3-8B, fsdp) for a v5p pod on this CPU. Needs the
     `tpu` extra (libtpu); CI's test extra does not install it, so this runs where it is present."""
