@@ -18,8 +18,20 @@ jax.config.update("jax_num_cpu_devices", 8)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The longest files as measured (pytest --durations), longest first.
+LONGEST_FIRST = ("test_xinst_pipeline.py", "test_generate_hf.py", "test_pipeline_demo.py", "test_generate_job.py",
+                 "test_demo.py", "test_candidates.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files holding a slow test first (stable otherwise): under `pytest -n 2 --dist loadfile`
-    the long end-to-end runs then start at once instead of last, so the two workers finish together."""
+    """The longest files first, then the other files holding a slow test, then the rest (stable
+    otherwise): under `pytest -n 2 --dist loadfile` the long end-to-end runs start at once instead
+    of last, so the two workers finish together."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+
+    def rank(item) -> tuple[int, int]:
+        if item.path.name in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(item.path.name)
+        return (1 if item.path in slow_files else 2), 0
+
+    items.sort(key=rank)

@@ -31,7 +31,10 @@ def memory_gcs() -> Iterator[object]:
 
     fs = fsspec.filesystem("memory")
     table = {**gpath._PREFIX_TO_BACKEND, "gs": _memory_backend()}  # noqa: SLF001
+    # epath caches whether it uses TensorFlow the first time any gs:// path is touched in the process
+    # (an earlier test may have done so), so the cached answer is replaced too, not only the variable.
     with mock.patch.dict("os.environ", {"EPATH_USE_TF": "false"}), \
+            mock.patch.object(gpath, "_is_tf_installed", lambda: False), \
             mock.patch.object(gpath, "_PREFIX_TO_BACKEND", table):
         try:
             yield fs
