@@ -81,6 +81,7 @@ from xinst_jax.model.attention import gqa_attention, segment_causal_mask  # noqa
 from xinst_jax.model.llama import (DTYPES, bind, default_positions_and_segments, forward,  # noqa: E402
                                    init_params)
 from xinst_jax.model.rope import inverse_frequencies, rope_cos_sin  # noqa: E402
+from xinst_jax.train.flops import measured_matmul_peak, training_flops_per_step  # noqa: E402
 from machine import cpu_flags, cpu_model  # noqa: E402
 
 
@@ -142,6 +143,35 @@ def measure_ours(cfg, params, tokens):
     start = time.perf_counter()
     run()
     return run, compile_s, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- roofline
+
+
+def torch_matmul_peak(size: int, repeats: int = 5) -> float:
+    """FLOP/s of torch's own square fp32 matmul (MKL/oneDNN) on this CPU."""
+    import torch
+
+    a = torch.ones(size, size)
+    a @ a
+    best = min(timed(lambda: a @ a, repeats))
+    return 2 * size**3 / best
+
+
+def roofline(cfg: ModelConfig, n_tok: int, seq: int, ours_s: float, torch_s: float) -> None:
+    """How close each side is to the CPU's matmul peak, and so the largest ratio any forward of the
+    same FLOPs could reach over torch's: the peak is the best square fp32 matmul either library
+    manages here (jax's XLA dot and torch's BLAS, 1024 and 2048)."""
+    flops = training_flops_per_step(cfg, n_tok // seq, seq) / 3  # MaxText's formula, forward third
+    peaks = {f"{lib} {size}": fn(size) for size in (1024, 2048)
+             for lib, fn in (("jax", measured_matmul_peak), ("torch", torch_matmul_peak))}
+    peak = max(peaks.values())
+    print(f"forward FLOPs (MaxText's formula, causal attention halved): {flops / 1e9:.1f} GFLOP")
+    print("fp32 matmul FLOP/s: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in peaks.items())
+          + f" -> peak {peak / 1e9:.1f} GFLOP/s")
+    for name, secs in (("ours", ours_s), ("torch", torch_s)):
+        print(f"{name:5s}: {flops / secs / 1e9:6.1f} GFLOP/s = {flops / secs / peak:.1%} of the peak")
+    print(f"ceiling for any forward of these FLOPs at the peak: {peak / (flops / torch_s):.2f}x torch")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -337,6 +367,9 @@ def main(args) -> None:
     co_full, ct_full = statistics.median(cpu_ours), statistics.median(cpu_torch)
     print(f"CPU seconds per forward (all threads): ours {co_full:.2f}s, torch {ct_full:.2f}s -> "
           f"{n_tok / co_full:.1f} vs {n_tok / ct_full:.1f} tokens per CPU-second ({ct_full / co_full:.2f}x)")
+
+    print("\n== roofline: the CPU's fp32 matmul peak ==")
+    roofline(cfg, n_tok, t, min(ts_ours), min(ts_torch))
 
     if not args.no_variants:
         print("\n== variant: scan_layers=False (layers unrolled) ==")
