@@ -42,7 +42,6 @@ def resolve_demo_config(cfg: Config) -> Config:
 
 @register_job("demo")
 def demo_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from xinst_jax.data.tokenizer import load_tokenizer
     from xinst_jax.data.train_tokenizer import run_train_tokenizer
     from xinst_jax.finetune import run_finetune

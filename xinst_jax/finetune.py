@@ -62,5 +62,4 @@ def run_finetune(cfg: Config):
 
 @register_job("finetune")
 def finetune_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_finetune(cfg)  # the trainer prints the loss summary

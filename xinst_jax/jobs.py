@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 from typing import Callable
 
 from xinst_jax.config import Config, ConfigError
@@ -37,9 +39,17 @@ JOB_MODULES: dict[str, tuple[str, str]] = {
 _REGISTRY: dict[str, JobFn] = {}
 
 
-def register_job(name: str) -> Callable[[JobFn], JobFn]:
+def register_job(name: str, log_level: int = logging.WARNING) -> Callable[[JobFn], JobFn]:
+    """Register `fn` as job `name`; the launcher configures logging at `log_level` before it runs
+    (jobs that report progress through the log, such as prepare, ask for INFO)."""
+
     def wrap(fn: JobFn) -> JobFn:
-        _REGISTRY[name] = fn
+        @functools.wraps(fn)
+        def run_logged(cfg: Config) -> None:
+            logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+            fn(cfg)
+
+        _REGISTRY[name] = run_logged
         return fn
 
     return wrap

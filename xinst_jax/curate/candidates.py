@@ -287,5 +287,4 @@ def run_candidates(cfg: Config) -> dict:
 
 @register_job("candidates")
 def candidates_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_candidates(cfg)

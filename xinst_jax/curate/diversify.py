@@ -449,5 +449,4 @@ def run_diversify(cfg: Config) -> dict:
 
 @register_job("diversify")
 def diversify_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_diversify(cfg)

@@ -279,6 +279,5 @@ def run_pipeline(cfg: Config) -> dict:
 
 @register_job("pipeline")
 def pipeline_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_pipeline(cfg)
 

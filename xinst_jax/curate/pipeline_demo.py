@@ -689,5 +689,4 @@ def run_pipeline_demo(cfg: Config, sizes=None) -> dict:
 
 @register_job("pipeline_demo")
 def pipeline_demo_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_pipeline_demo(cfg)

@@ -408,5 +408,4 @@ def run_ratings(cfg: Config) -> dict:
 
 @register_job("ratings")
 def ratings_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_ratings(cfg)

@@ -314,5 +314,4 @@ def run_refine(cfg: Config) -> dict:
 
 @register_job("refine")
 def refine_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_refine(cfg)

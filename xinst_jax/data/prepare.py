@@ -474,9 +474,8 @@ def shard_paths(directory: str, manifest: Optional[dict] = None) -> list[str]:
     return [os.path.join(directory, s["file"]) for s in manifest["shards"]]
 
 
-@register_job("prepare")
+@register_job("prepare", log_level=logging.INFO)
 def prepare_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = run_prepare(cfg)
     m = result.manifest
     langs = ", ".join(f"{lang} {v['count']}" for lang, v in m["languages"].items())

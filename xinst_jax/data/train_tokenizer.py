@@ -106,7 +106,6 @@ def run_train_tokenizer(cfg: Config) -> str:
     return out_dir
 
 
-@register_job("train_tokenizer")
+@register_job("train_tokenizer", log_level=logging.INFO)
 def train_tokenizer_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run_train_tokenizer(cfg)

@@ -596,6 +596,5 @@ def _print_summary(out: Path, results: dict) -> None:
 
 @register_job("eval_xinst")
 def eval_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_eval(cfg)
 

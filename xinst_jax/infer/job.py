@@ -347,5 +347,4 @@ def _progress(enabled: bool, total: int, initial: int):
 
 @register_job("generate")
 def generate_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_generate(cfg)

@@ -544,6 +544,5 @@ def run_server(cfg: Config) -> None:
 
 @register_job("serve")
 def serve_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_server(cfg)
 

@@ -383,7 +383,6 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
 
 @register_job("train")
 def train_job(cfg: Config) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run_training(cfg)
     except TrainingDiverged as e:
