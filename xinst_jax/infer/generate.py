@@ -42,7 +42,11 @@ slots, RoPE positions, PRNG key from (seed, row id), step counter, prefill cache
 tokens are the static ones: bit for bit in float32 (tests/test_continuous.py;
 benchmarks/continuous_bench.py on SmolLM2). In bfloat16 XLA:CPU rounds attention over a cache of
 another length differently, so rows agree up to bf16 near-ties, as static batches with another
-segment count do. Per-row `max_new_tokens` work in both schedules.
+segment count do. Per-row `max_new_tokens` work in both schedules. The host side of that loop is
+`ContinuousSchedule` (continuous.py, `Engine.continuous`): rows can also be added while it runs,
+each with its own PRNG key (so its own seed), which is how the server admits requests into a
+running batch. The compiled pieces see the settings without the seed (`without_seed`): one
+compile serves every seed.
 
 Scoring (`Engine.score`, see score.py) uses the same weights and the model's training-mode call.
 """
@@ -53,8 +57,8 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import Counter, deque
-from typing import Any, Callable, Optional, Sequence
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +73,9 @@ from xinst_jax.infer.score import ScoreOutput, chunk_positions, score_batches, s
 from xinst_jax.model.kv_cache import CACHE_AXES, CACHE_SEGMENT_AXES, KVCache, grow_cache, init_cache
 from xinst_jax.model.llama import DTYPES, abstract_model, logical_axes, merge_lora, unstack_layers
 from xinst_jax.sharding import Rules, activation_sharding, batch_sharding, constrain, tree_shardings
+
+if TYPE_CHECKING:
+    from xinst_jax.infer.continuous import ContinuousSchedule
 
 SCHEDULES = ("static", "continuous")
 
@@ -491,11 +498,10 @@ class Engine:
         if schedule == "continuous":
             return self._generate_continuous(prompts, settings, row_ids, limits, progress,
                                              chunk_steps or self.chunk_steps)
-        max_bucket = self.buckets[-1]
         tokens_out: list[list[int]] = [[] for _ in range(n)]
         finish_out = ["length"] * n
-        used = [min(len(p), max_bucket) for p in prompts]
-        truncated = [len(p) > max_bucket for p in prompts]
+        used = [self.fit(p)[0] for p in prompts]
+        truncated = [self.fit(p)[1] for p in prompts]
         # Group rows of similar length: fewer pad slots, fewer distinct buckets.
         order = sorted(range(n), key=lambda i: used[i])
         bsz = self.batch_size
@@ -525,75 +531,52 @@ class Engine:
                     progress(i, tokens_out[i], finish_out[i])
         return GenerationOutput(tokens_out, finish_out, used, truncated)
 
+    def continuous(self, settings: SamplingSettings, *, bucket: int | None = None, chunk_steps: int | None = None,
+                   stream_chunk_steps: int | None = None, eager: bool = False) -> "ContinuousSchedule":
+        """A continuous schedule over this engine's slots (continuous.py): rows are added to it and
+        enter free slots between decode chunks. `bucket` (default: the largest prompt bucket, so
+        every prompt fits, whenever it arrives) fixes the slot layout for the schedule's life."""
+        from xinst_jax.infer.continuous import ContinuousSchedule  # continuous.py imports this module
+
+        return ContinuousSchedule(self, settings, bucket=bucket or self.buckets[-1],
+                                  chunk_steps=chunk_steps or self.chunk_steps, stream_chunk_steps=stream_chunk_steps,
+                                  eager=eager)
+
     def _generate_continuous(self, prompts, settings: SamplingSettings, row_ids: list[int], limits: list[int],
                              progress: Progress | None, chunk_steps: int) -> GenerationOutput:
-        """Continuous batching: `batch_size` slots on the device; the host prefills waiting prompts
-        (shortest first, `refill_size` at a time, each group in its own bucket) into free slots,
-        then runs the decode chunk until enough slots are free for the next group, and collects
-        the rows that finished. One device-to-host read per chunk, not per token (with `progress`,
+        """Continuous batching over known prompts: every row added to one schedule up front
+        (shortest first, so prefill groups share buckets), sized for the largest of them, run
+        until all finished. One device-to-host read per chunk, not per token (with `progress`,
         that read also takes the running rows' tokens)."""
+        from xinst_jax.infer.continuous import SlotRow
+
         n = len(prompts)
-        max_bucket = self.buckets[-1]
-        used = [min(len(p), max_bucket) for p in prompts]
-        truncated = [len(p) > max_bucket for p in prompts]
+        used, truncated = zip(*(self.fit(p) for p in prompts))
         tokens_out: list[list[int]] = [[] for _ in range(n)]
         finish_out = ["length"] * n
-        rows, group = self.batch_size, self.refill_size
-        cap = settings.max_new_tokens
-        top = pick_bucket(max(used), self.buckets)
-        # slot top + cap - 1 is the last a row ever writes; the history has one spare slot
-        state = self._init_slots(rows=rows, length=self.cache_length(top, cap), width=top + cap + 1)
+        schedule = self.continuous(settings, bucket=pick_bucket(max(used), self.buckets), chunk_steps=chunk_steps)
         keys = np.asarray(row_keys(settings.seed, np.asarray(row_ids, np.int64).astype(np.uint32)))
-        waiting = deque(sorted(range(n), key=lambda i: used[i]))
-        free = list(range(rows))
-        running: dict[int, int] = {}  # slot -> prompt index
-        refills = chunks = steps = 0
-        t0 = time.perf_counter()
-        while True:
-            while waiting and len(free) >= min(group, len(waiting)):
-                idx = [waiting.popleft() for _ in range(min(group, len(waiting)))]
-                bucket = pick_bucket(max(used[i] for i in idx), self.buckets)
-                tokens = np.full((group, bucket), settings.pad_id, np.int32)
-                lengths = np.zeros((group,), np.int32)
-                slots = np.full((group,), rows, np.int32)  # `rows`: a padding entry (dropped)
-                row_limits = np.ones((group,), np.int32)
-                group_keys = np.zeros((group, 2), np.uint32)
-                for r, i in enumerate(idx):
-                    prompt = list(prompts[i])[-bucket:]
-                    tokens[r, bucket - len(prompt):] = prompt
-                    lengths[r] = len(prompt)
-                    slots[r] = free.pop(0)
-                    row_limits[r] = limits[i]
-                    group_keys[r] = keys[i]
-                    running[int(slots[r])] = i
-                state = self._refill(self.params, state, self._put(tokens), self._put(lengths), self._put(slots),
-                                     self._put(row_limits), self._put(group_keys), settings=settings)
-                refills += 1
-            if not running:
-                break
-            threshold = min(group, len(waiting)) if waiting else rows
-            ran, state = self._chunk(self.params, state, np.int32(threshold), np.int32(chunk_steps),
-                                     settings=settings)
-            done, count, finish, ran = jax.device_get((state["done"], state["step"], state["finish"], ran))
-            chunks += 1
-            steps += int(ran)
-            finished = [r for r in running if done[r]]
-            if finished or progress is not None:
-                history, base = jax.device_get((state["history"], state["base"]))
-                for r in finished:
-                    i = running.pop(r)
-                    tokens_out[i] = history[r, base[r]:base[r] + count[r]].tolist()
-                    finish_out[i] = FINISH_NAMES[int(finish[r])]
-                    if progress is not None:
-                        progress(i, tokens_out[i], finish_out[i])
+
+        def report_to(i: int):
+            def report(tokens: list[int], finish: Optional[str]) -> None:
+                if finish is not None:
+                    tokens_out[i], finish_out[i] = tokens, finish
                 if progress is not None:
-                    for r, i in running.items():
-                        progress(i, history[r, base[r]:base[r] + count[r]].tolist(), None)
-                free = sorted(free + finished)
-        self.timings.append(BatchTiming(bucket=top, rows=n, prefill_s=0.0, decode_s=time.perf_counter() - t0,
-                                        steps=steps, new_tokens=sum(len(t) for t in tokens_out),
-                                        schedule="continuous", refills=refills, chunks=chunks))
-        return GenerationOutput(tokens_out, finish_out, used, truncated)
+                    progress(i, tokens, finish)
+            return report
+
+        order = sorted(range(n), key=lambda i: used[i])
+        schedule.add(SlotRow(prompts[i], keys[i], limits[i], report_to(i), stream=progress is not None)
+                     for i in order)
+        while schedule.step():
+            pass
+        self.timings.append(schedule.timing())
+        return GenerationOutput(tokens_out, finish_out, list(used), list(truncated))
+
+    def fit(self, prompt: Sequence[int]) -> tuple[int, bool]:
+        """(tokens of the prompt used, whether it lost its beginning): prompts longer than the
+        largest bucket keep their end."""
+        return min(len(prompt), self.buckets[-1]), len(prompt) > self.buckets[-1]
 
     def _run_batch(self, tokens: np.ndarray, lengths: np.ndarray, done: np.ndarray, ids: np.ndarray,
                    settings: SamplingSettings, limits: np.ndarray):
@@ -608,7 +591,7 @@ class Engine:
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
         out = self._decode(self.params, cache, logits, self._put(history), self._put(lengths), self._put(done),
-                           self._put(keys), self._put(limits), settings=settings)
+                           self._put(keys), self._put(limits), settings=settings.without_seed())
         generated, count, finish, steps = jax.device_get(out)
         t2 = time.perf_counter()
         timing = BatchTiming(bucket=bucket, rows=bsz, prefill_s=t1 - t0, decode_s=t2 - t1, steps=int(steps),

@@ -51,6 +51,12 @@ class SamplingSettings:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    def without_seed(self) -> "SamplingSettings":
+        """These settings as the compiled decode pieces see them: the seed only makes the rows' PRNG
+        keys (`row_keys`, on the host, passed in per row), so leaving it out lets every seed share
+        one compile and rows of different seeds share one continuous schedule."""
+        return dataclasses.replace(self, seed=0)
+
     def validate(self) -> None:
         for name, least in (("max_new_tokens", 1), ("temperature", 0), ("top_k", 0), ("min_new_tokens", 0),
                             ("no_repeat_ngram", 0)):

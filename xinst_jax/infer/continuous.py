@@ -1,0 +1,170 @@
+"""The continuous schedule's host side: rows enter device slots between decode chunks.
+
+`ContinuousSchedule` drives the Engine's compiled pieces (`_init_slots`, `_refill`, `_chunk`,
+generate.py): `add` queues rows, `step` moves queued rows into free slots (prefilled
+`refill_size` at a time), runs one decode chunk and reports what it produced. Rows may be added
+between any two steps -- that is how the server admits a request into a running batch -- and
+`Engine.generate(schedule="continuous")` is the same loop with every row added up front.
+
+Each row brings its own PRNG key (`row_keys(seed, row id)` of its own seed) and limit; the
+compiled pieces see the settings without the seed, so rows of different seeds share a schedule
+and a row's tokens are the ones it gets alone (same key, same prompt slots, same step counter).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from xinst_jax.infer.buckets import pick_bucket
+from xinst_jax.infer.generate import FINISH_NAMES, BatchTiming
+from xinst_jax.infer.sampling import SamplingSettings
+
+if TYPE_CHECKING:
+    from xinst_jax.infer.generate import Engine
+
+# (the row's tokens so far, its finish reason once it finished, else None); on the schedule's thread
+Report = Callable[[list[int], Optional[str]], None]
+
+
+@dataclasses.dataclass
+class SlotRow:
+    """One prompt for a continuous schedule."""
+
+    prompt: Sequence[int]
+    key: np.ndarray  # [2] uint32: row_keys(the row's seed, its row id)
+    limit: int  # max new tokens (capped at the settings' max_new_tokens)
+    report: Report  # called once with the finished tokens; also after every chunk when `stream`
+    stream: bool = False
+
+
+class ContinuousSchedule:
+    """`engine.batch_size` slots on the device for rows of one sampling setting (seed aside)."""
+
+    def __init__(self, engine: "Engine", settings: SamplingSettings, *, bucket: int, chunk_steps: int,
+                 stream_chunk_steps: int | None = None, eager: bool = False):
+        """`bucket`: the longest prompt bucket a row may have. The slot layout (KV cache and history
+        width: bucket + max_new_tokens) is fixed for the schedule's life, since growing it would
+        copy every slot and compile another chunk, so a row whose prompt needs a larger bucket
+        cannot enter. `chunk_steps` (or `stream_chunk_steps` while a streamed row runs): decode
+        steps between returns to the host. `eager`: also return as soon as any row finishes (its
+        owner hears at once, and the slot is free for the next arrival) instead of when enough
+        slots for the next waiting group are done."""
+        settings.validate()
+        if bucket not in engine.buckets:
+            raise ValueError(f"bucket {bucket} is not one of the engine's prompt buckets {engine.buckets}")
+        self.engine, self.bucket, self.eager = engine, bucket, eager
+        self.settings = settings.without_seed()  # one compile for every seed: keys come per row
+        self.chunk_steps = int(chunk_steps)
+        self.stream_chunk_steps = int(stream_chunk_steps or chunk_steps)
+        self.rows, self.group = engine.batch_size, engine.refill_size
+        cap = settings.max_new_tokens
+        # slot bucket + cap - 1 is the last a row ever writes; the history has one spare slot
+        self.state = engine._init_slots(rows=self.rows, length=engine.cache_length(bucket, cap),
+                                        width=bucket + cap + 1)
+        self.waiting: collections.deque[SlotRow] = collections.deque()
+        self.free = list(range(self.rows))
+        self.running: dict[int, SlotRow] = {}  # slot -> row
+        self.refills = self.chunks = self.steps = self.new_tokens = self.added = 0
+        self.started = time.perf_counter()
+
+    # ---- rows in
+
+    def add(self, rows: Iterable[SlotRow]) -> None:
+        """Queue rows; they enter free slots at the next `step`, in this order."""
+        rows = list(rows)
+        for row in rows:
+            if len(row.prompt) == 0:
+                raise ValueError("a prompt is empty (add a BOS token)")
+            if row.limit < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {row.limit}")
+            need = pick_bucket(min(len(row.prompt), self.engine.buckets[-1]), self.engine.buckets)
+            if need > self.bucket:
+                raise ValueError(f"a prompt of {len(row.prompt)} tokens needs bucket {need}; this schedule's slots "
+                                 f"hold prompts up to {self.bucket}")
+        self.waiting.extend(rows)
+        self.added += len(rows)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def has_room(self) -> bool:
+        """A free slot and no row waiting for one: a row added now starts at the next step."""
+        return bool(self.free) and not self.waiting
+
+    # ---- one round
+
+    def step(self) -> bool:
+        """Fill free slots with waiting rows, run one decode chunk, report. False when nothing is
+        left to run (then nothing ran)."""
+        self._fill()
+        if not self.running:
+            return False
+        e, rows = self.engine, self.rows
+        if self.waiting:
+            threshold = min(self.group, len(self.waiting))  # enough free slots for the next group
+        else:
+            threshold = rows - len(self.running) + 1 if self.eager else rows
+        streamed = any(r.stream for r in self.running.values())
+        max_steps = self.stream_chunk_steps if streamed else self.chunk_steps
+        ran, self.state = e._chunk(e.params, self.state, np.int32(threshold), np.int32(max_steps),
+                                   settings=self.settings)
+        done, count, finish, ran = jax.device_get((self.state["done"], self.state["step"], self.state["finish"], ran))
+        self.chunks += 1
+        self.steps += int(ran)
+        finished = [slot for slot in self.running if done[slot]]
+        if finished or streamed:  # one more read: the tokens themselves
+            history, base = jax.device_get((self.state["history"], self.state["base"]))
+
+            def tokens(slot: int) -> list[int]:
+                return history[slot, base[slot]:base[slot] + count[slot]].tolist()
+
+            for slot in finished:
+                row = self.running.pop(slot)
+                out = tokens(slot)
+                self.new_tokens += len(out)
+                row.report(out, FINISH_NAMES[int(finish[slot])])
+            for slot, row in self.running.items():
+                if row.stream:
+                    row.report(tokens(slot), None)
+            self.free = sorted(self.free + finished)
+        return self.busy
+
+    def _fill(self) -> None:
+        """Prefill waiting rows, a group of `refill_size` at a time (each group in its own bucket),
+        into free slots."""
+        e, group = self.engine, self.group
+        while self.waiting and len(self.free) >= min(group, len(self.waiting)):
+            batch = [self.waiting.popleft() for _ in range(min(group, len(self.waiting)))]
+            max_bucket = e.buckets[-1]
+            bucket = pick_bucket(max(min(len(r.prompt), max_bucket) for r in batch), e.buckets)
+            tokens = np.full((group, bucket), self.settings.pad_id, np.int32)
+            lengths = np.zeros((group,), np.int32)
+            slots = np.full((group,), self.rows, np.int32)  # `rows`: a padding entry (dropped)
+            limits = np.ones((group,), np.int32)
+            keys = np.zeros((group, 2), np.uint32)
+            for r, row in enumerate(batch):
+                prompt = list(row.prompt)[-bucket:]
+                tokens[r, bucket - len(prompt):] = prompt
+                lengths[r] = len(prompt)
+                slots[r] = self.free.pop(0)
+                limits[r] = min(row.limit, self.settings.max_new_tokens)
+                keys[r] = row.key
+                self.running[int(slots[r])] = row
+            self.state = e._refill(e.params, self.state, e._put(tokens), e._put(lengths), e._put(slots),
+                                   e._put(limits), e._put(keys), settings=self.settings)
+            self.refills += 1
+
+    def timing(self) -> BatchTiming:
+        """The schedule as one timing record (prefills run between the chunks: all in decode_s)."""
+        return BatchTiming(bucket=self.bucket, rows=self.added, prefill_s=0.0,
+                           decode_s=time.perf_counter() - self.started, steps=self.steps,
+                           new_tokens=self.new_tokens, schedule="continuous", refills=self.refills,
+                           chunks=self.chunks)
