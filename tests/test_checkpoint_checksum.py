@@ -1,6 +1,8 @@
 """Checkpoint checksums: a flipped byte in an array data file or in the data-iterator file makes
 that step unrestorable (moved aside, the previous step used), a step without checksum files
-restores with a warning, and the digests do not depend on the mesh.
+restores with a warning, and the digests do not depend on the mesh. Readers outside training
+(the export_hf job, generate) verify the params they read the same way: a flipped byte is a
+one-line error naming the step directory and the array, nothing falls back or moves.
 
 A module fixture trains the reference once: 4 steps of the tiny preset on 2 devices (fsdp=2),
 checkpoints at 2 and 4. Each test corrupts a copy of its checkpoints.
@@ -192,3 +194,68 @@ def test_no_step_left_starts_fresh(base, tmp_path, caplog):
     assert any("checkpoint step 2 " in m and "does not match its checksum" in m for m in warnings), warnings
     assert any("starting from step 0" in m for m in warnings), warnings
     assert entries(cfg) == ["2.unrestorable", "4.unrestorable"]
+
+
+# --------------------------------------------------------------------------- readers outside training
+
+
+def flip_a_params_byte(step_dir: Path, want: dict[str, np.ndarray]) -> str:
+    """Flip one byte of the array data so that a params array (not the optimizer state, which
+    readers do not read) restores silently wrong; returns that array's name. The data file is
+    compressed, so where an array lies is found by trying: flip, restore unverified, compare."""
+    victim = largest_array_data_file(step_dir)
+    plain = ocp.PyTreeCheckpointer()
+    tree = plain.metadata(step_dir / "state").item_metadata.tree
+    args = ocp.args.PyTreeRestore(restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    size = victim.stat().st_size
+    for offset in range(size // 16, size, size // 16):
+        flip_byte(victim, offset)
+        try:
+            silent = named_leaves(plain.restore(step_dir / "state", args=args))
+        except Exception:  # noqa: BLE001 - this flip breaks the decoding: try another byte
+            silent = {}
+        wrong = [name for name, x in silent.items() if name in want and not np.array_equal(x, want[name])]
+        if wrong:
+            return wrong[0]
+        flip_byte(victim, offset)  # back as it was
+    raise AssertionError(f"no single flipped byte of {victim} reached a params array")
+
+
+def test_readers_refuse_a_corrupt_step_naming_it_and_the_array(base, tmp_path, capsys):
+    """An intact checkpoint exports byte for byte what the trained params export to; after a
+    flipped byte in the newest step, the export_hf job (through the entry point) and generate
+    stop with one line naming the step directory and the array; nothing is moved or rewritten."""
+    import importlib
+
+    from xinst_jax.convert.hf import export_hf
+    from xinst_jax.infer.job import run_generate
+    from xinst_jax.checkpoint import UnreadableCheckpoint
+
+    tpu_run = importlib.import_module("launch.tpu_run")
+    cfg = copy_of(base, tmp_path)
+    root = ckpt_dir(cfg)
+
+    def export(out: Path) -> int:
+        return tpu_run.main(["--config", "export_hf", "--set", "model.preset=tiny", "--set", f"run_dir={tmp_path / 'x'}",
+                             "--set", f"export.checkpoint={root}", "--set", f"export.out={out}"])
+
+    assert export(tmp_path / "hf") == 0
+    want = export_hf(base["state"]["params"], make_cfg(tmp_path).model, tmp_path / "want", dtype="bfloat16")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(p.name for p in want.iterdir())
+    for f in want.iterdir():
+        assert (tmp_path / "hf" / f.name).read_bytes() == f.read_bytes(), f.name
+    capsys.readouterr()
+
+    name = flip_a_params_byte(root / "4", named_leaves({"params": base["state"]["params"]}))
+    before = entries(cfg)
+    assert export(tmp_path / "hf2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: checkpoint {root / '4'}: state array {name} does not match its checksum; earlier steps "
+                   f"that may restore: {root / '2'}"), err
+    assert not (tmp_path / "hf2").exists() and entries(cfg) == before  # read-only: no fallback, nothing moved
+
+    gen = load_config("generate_demo", [f"generate.checkpoint={root / '4'}", f"run_dir={tmp_path / 'gen'}",
+                                        "generate.max_new_tokens=2", "mesh.num_devices=1"])
+    with pytest.raises(UnreadableCheckpoint, match=rf"^checkpoint {root / '4'}: state array {name} does not match"):
+        run_generate(gen)
+    assert entries(cfg) == before

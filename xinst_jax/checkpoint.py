@@ -19,6 +19,11 @@ deleted), every process logs one line naming the step and the array or file, and
 step is tried; with none left the run starts from step 0, said in the log. A step without
 checksum files (saved before they existed) restores unverified, with a warning, and so does one
 whose digests were made by another algorithm version.
+
+Readers outside training (load_params_for_export: export_hf, generate, serve, eval, the curation
+stages) verify the params they read with the same check_state. A mismatch there is an error
+naming the step directory and the array, with no fallback and nothing moved (see
+load_params_for_export).
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ DIGEST_ALGORITHM = "xinst-fmix32-sum-v1"  # recorded with the digests: a future 
 
 class CorruptCheckpoint(Exception):
     """A checkpoint's bytes differ from those saved (its checksums say so)."""
+
+
+class UnreadableCheckpoint(ConfigError):
+    """A checkpoint a reader (not the trainer) was given fails its checksums or does not restore:
+    one line naming the step directory, exit code 2 at the entry point."""
 
 
 # --------------------------------------------------------------------------- array digests
@@ -151,18 +161,30 @@ def dispatch_digests(state: Any) -> PendingDigests:
 
 
 def state_digests(state: Any) -> dict[str, dict[str, Any]]:
-    """{array path: {digest, dtype, shape}}; every process gets the same, whatever the mesh."""
-    return dispatch_digests(state).resolve()["arrays"]
+    """{array path: {digest, dtype, shape}}; every process gets the same, whatever the mesh.
+    Arrays on the devices are digested in one pass; host (numpy) arrays one at a time, so that a
+    whole model read into host memory (export) never has to fit on one device at once."""
+    named = jax.tree_util.tree_flatten_with_path(state)[0]
+    if all(isinstance(x, jax.Array) for _, x in named):
+        return dispatch_digests(state).resolve()["arrays"]
+    return {_path_name(path): dispatch_digests(x).resolve()["arrays"][""] for path, x in named}
 
 
 def _dtype(x: Any) -> Any:
     return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
-def check_state(state: Any, saved: Mapping[str, Any], where: str) -> None:
-    """Raise CorruptCheckpoint naming the arrays of `state` whose digest differs from `saved`
-    (a `checksums` item). An array whose dtype changed since (a cast on restore) is not comparable:
-    it is skipped with a warning, as are all of them when another algorithm made the digests."""
+def check_state(state: Any, saved: Optional[Mapping[str, Any]], where: str) -> None:
+    """The one verification of restored arrays (the trainer's restore and every reader's): raise
+    CorruptCheckpoint naming the arrays of `state` (the whole train state or a part of it, e.g.
+    the params) whose digest differs from `saved` (a `checksums` item). No `saved` (a step written
+    before checksums existed) restores unverified with a warning. An array whose dtype changed
+    since (a cast on restore) is not comparable: it is skipped with a warning, as are all of them
+    when another algorithm made the digests."""
+    if saved is None:
+        log.warning("%s has no checksums/%s (saved before checksums were added): restoring it unverified", where,
+                    CHECKSUMS_FILE)
+        return
     if saved.get("algorithm") != DIGEST_ALGORITHM:
         log.warning("%s: checksums made by '%s', this version checks %s: restoring it unverified", where,
                     saved.get("algorithm"), DIGEST_ALGORITHM)
@@ -330,12 +352,8 @@ class Checkpointer:
         problem = _agree(problem)
         if problem is not None:
             return None, problem
-        if not has_checksums:
-            log.warning("checkpoint step %d in %s has no %s (saved before checksums were added): restoring it "
-                        "unverified", step, self.directory, checksums_file.relative_to(self.directory))
-            return restored, None
         try:  # the digests are replicated: every process reaches the same verdict
-            check_state(restored["state"], restored["checksums"], f"checkpoint step {step}")
+            check_state(restored["state"], restored.get("checksums"), f"checkpoint step {step} in {self.directory}")
         except CorruptCheckpoint as e:
             return None, str(e)
         return restored, None
@@ -428,8 +446,23 @@ def resolve_step_dir(path: str | Path) -> epath.Path:
     return path / str(steps[-1])
 
 
+def read_checksums(step_dir: epath.Path) -> Optional[dict]:
+    """A step's `checksums` item as saved, or None for a step saved before checksums existed."""
+    path = step_dir / "checksums" / CHECKSUMS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def load_params_for_export(path: str | Path, model_cfg: ModelConfig) -> Any:
-    """Only the params of a checkpoint (optimizer state is never read), as host-backed arrays."""
+    """Only the params of a checkpoint (optimizer state is never read), as host-backed arrays,
+    verified against the step's checksums (check_state, as the trainer's restore).
+
+    A step that fails them, or does not restore, raises UnreadableCheckpoint naming the step
+    directory and the array. Unlike the trainer's restore there is no fallback to the previous
+    step: the trainer may fall back because it then retrains the lost steps, while a reader would
+    hand back an older model under the newest one's name (an export labelled as the final model
+    that is not). Nor is anything moved aside: readers are read-only (an export may run beside a
+    live training run); the trainer moves the step at its next restore. The error names the
+    earlier steps to ask for instead."""
     step_dir = resolve_step_dir(path)
     config_file = step_dir / "config" / "metadata"
     if config_file.exists():
@@ -440,7 +473,21 @@ def load_params_for_export(path: str | Path, model_cfg: ModelConfig) -> Any:
     # numpy, not jax.Arrays: the saved shardings name the training run's devices, which the
     # exporting process (fewer devices, another host) need not have.
     restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
-    restored = ocp.PyTreeCheckpointer().restore(
-        step_dir / "state", args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                        partial_restore=True))
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            step_dir / "state", args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                            partial_restore=True))
+        check_state(restored, read_checksums(step_dir), f"checkpoint {step_dir}")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read this step: one line naming it
+        raise UnreadableCheckpoint(f"checkpoint {step_dir}: {_one_line(e)}{_earlier_steps(step_dir)}") from e
     return restored["params"]
+
+
+def _earlier_steps(step_dir: epath.Path) -> str:
+    steps = sorted((int(p.name) for p in step_dir.parent.iterdir()
+                    if p.name.isdigit() and int(p.name) < int(step_dir.name) and (p / "state").exists()),
+                   reverse=True) if step_dir.name.isdigit() else []
+    listed = ", ".join(str(step_dir.parent / str(s)) for s in steps[:3])
+    return f"; earlier steps that may restore: {listed}" if steps else ""
