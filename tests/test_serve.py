@@ -207,9 +207,9 @@ def test_full_queue_answers_503_and_sigterm_drains(model_dir, tmp_path):
         time.sleep(1.0)  # the long request is in the engine now
         statuses = []
 
-        def short(i):
+        def short(i):  # other settings than the long request's: they cannot join it, so they queue
             try:
-                c.completions.create(model="xinst", prompt=f"s{i}", max_tokens=2, temperature=0)
+                c.completions.create(model="xinst", prompt=f"s{i}", max_tokens=2, temperature=0.5)
                 statuses.append(200)
             except openai.APIStatusError as e:
                 statuses.append(e.status_code)

@@ -1,16 +1,22 @@
 """One thread owns the engine; HTTP handlers hand it work through a bounded queue.
 
-Requests waiting together are run together: the worker takes the first waiting request, waits up
-to `batch_wait_s` for more, and runs every waiting request with the same sampling settings as one
-`engine.generate` call (each row with its own max_tokens limit), up to the engine's batch size in
-rows per call round. Scoring requests (echo + logprobs) are batched the same way. A full queue
+Requests waiting together start together: the worker takes the first waiting request, waits up
+to `batch_wait_s` for more, and starts every waiting request with the same sampling settings. With
+the engine's continuous schedule (the default) generate requests then run in a
+`ContinuousSchedule` (infer/continuous.py) that stays open while it has rows: at every decode-chunk
+boundary the worker admits newly queued generate requests with the same settings into it (the
+seed aside: each row brings its own PRNG key), and each request is answered as soon as its own
+rows finish. A waiting request that cannot join (other temperature / top_p / top_k / token cap,
+or scoring) stops admission, so it waits only for the rows already running, never for later
+arrivals. Rows wait in the bounded queue, not in the schedule: a request is admitted only while
+the schedule has a free slot and no row waiting for one. Scoring requests (echo + logprobs), and
+generate requests when the engine is static, run as one engine call per group. A full queue
 refuses at once (`QueueFull`: the server answers 503), so a burst never hangs its clients.
 
-Streaming: a Work with `on_tokens` hears its rows' tokens as the engine produces them (the
-engine's `progress`, called after every decode chunk of the continuous schedule). A batch holding
-a streamed request decodes `stream_chunk_steps` steps between returns to the host instead of the
-engine's `chunk_steps`: the first text goes out sooner, at a host round trip per chunk; the tokens
-are the same either way.
+Streaming: a Work with `on_tokens` hears its rows' tokens as the engine produces them (after every
+decode chunk). While a streamed row runs the schedule decodes `stream_chunk_steps` steps between
+returns to the host instead of the engine's `chunk_steps`: the first text goes out sooner, at a
+host round trip per chunk; the tokens are the same either way.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from xinst_jax.infer.sampling import SamplingSettings
+import numpy as np
+
+from xinst_jax.infer.sampling import SamplingSettings, row_keys
 
 
 class QueueFull(Exception):
@@ -42,8 +50,13 @@ class Work:
     on_tokens: Optional[Callable[[int, list[int], Optional[str]], None]] = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
-    def key(self):
-        return (self.kind, self.settings)
+    def key(self, per_row_seeds: bool) -> tuple:
+        """Works with equal keys can run together. A continuous schedule gives every row its own
+        seed's key (`per_row_seeds`), so the seed is no part of it there; one static generate
+        call has one seed."""
+        if self.settings is not None and per_row_seeds:
+            return self.kind, self.settings.without_seed()
+        return self.kind, self.settings
 
 
 class Batcher:
@@ -54,7 +67,9 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.stopping = threading.Event()
         self.unseeded = itertools.count(1 << 20)  # row ids for requests without a seed: all different
-        self.batches = 0
+        self.continuous = getattr(engine, "schedule", "static") == "continuous"
+        self.batches = 0  # engine runs started (a schedule, or a static / scoring call)
+        self.admitted = 0  # requests that joined a schedule already running
         self.rows_per_batch: list[int] = []
         self.thread = threading.Thread(target=self._loop, name="xinst-engine", daemon=True)
         self.thread.start()
@@ -98,10 +113,79 @@ class Batcher:
                 except queue.Empty:
                     break
             first = pending[0]
-            group = [w for w in pending if w.key() == first.key()]
+            key = first.key(self.continuous)
+            group = [w for w in pending if w.key(self.continuous) == key]
             for w in group:
                 pending.remove(w)
-            self._run(group)
+            if first.kind == "generate" and self.continuous:
+                self._run_schedule(group, pending)
+            else:
+                self._run(group)
+
+    def _run_schedule(self, group: list[Work], pending: collections.deque[Work]) -> None:
+        """Run `group` in a continuous schedule, admitting compatible arrivals between chunks until
+        it drains. An arrival that cannot join goes to `pending` and closes admission (FIFO: later
+        arrivals must not overtake it)."""
+        self.batches += 1
+        key = group[0].key(True)
+        live: list[Work] = list(group)  # until entered: a failure to open the schedule reaches them too
+        schedule = None
+        try:
+            # eager: a finished row is answered at once and its slot is open to the next arrival
+            schedule = self.engine.continuous(group[0].settings, stream_chunk_steps=self.stream_chunk_steps,
+                                              eager=True)
+            live = []
+            for w in group:
+                self._enter(schedule, w, live)
+            while True:
+                while not pending and schedule.has_room:
+                    try:
+                        w = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if w.key(True) != key:
+                        pending.append(w)
+                        break
+                    self._enter(schedule, w, live)
+                    self.admitted += 1
+                if not schedule.step():
+                    break
+        except Exception as e:  # noqa: BLE001 (every request in the schedule learns what went wrong)
+            for w in live:
+                if not w.future.done():
+                    w.future.set_exception(e)
+        if schedule is not None:
+            self.rows_per_batch.append(schedule.added)
+            self.engine.timings.append(schedule.timing())
+
+    def _enter(self, schedule: Any, work: Work, live: list[Work]) -> None:
+        """Queue `work`'s rows in `schedule`; its future is answered when the last one finishes."""
+        from xinst_jax.infer.continuous import SlotRow
+
+        results: list[Optional[tuple]] = [None] * len(work.rows)
+        left = [len(work.rows)]
+        keys = np.asarray(row_keys(work.settings.seed, np.asarray(work.row_ids, np.int64).astype(np.uint32)))
+
+        def report_to(j: int):
+            used, truncated = self.engine.fit(work.rows[j])
+
+            def report(tokens: list[int], finish: Optional[str]) -> None:
+                if work.on_tokens is not None:  # before the result: a stream's last event precedes its end
+                    work.on_tokens(j, tokens, finish)
+                if finish is not None:
+                    results[j] = (tokens, finish, used, truncated)
+                    left[0] -= 1
+                    if left[0] == 0:
+                        work.future.set_result(results)
+            return report
+
+        try:
+            schedule.add([SlotRow(prompt, keys[j], limit, report_to(j), stream=work.on_tokens is not None)
+                          for j, (prompt, limit) in enumerate(zip(work.rows, work.limits))])
+        except ValueError as e:  # this request's own fault (the schedule is untouched)
+            work.future.set_exception(e)
+            return
+        live.append(work)
 
     def _run(self, group: list[Work]) -> None:
         self.batches += 1

@@ -29,7 +29,9 @@ completion with `logprobs` is the exception: its events are cut from the finishe
 `logprobs.tokens` are each token's share of the text (a token that only starts a character has
 ""), so `text_offset` points into the returned text. One greedy token with logprobs (lm-eval's
 log-likelihood request) is read off the scoring pass: `next_token_choices`.
-Concurrent requests are batched together in the engine (serve/batcher.py); the queue is bounded
+Concurrent requests are batched together in the engine, and a request that arrives while a batch
+decodes joins it at the next chunk boundary when its sampling settings match (any seed:
+serve/batcher.py); `GET /health` counts engine batches and such admissions. The queue is bounded
 (`serve.max_queue`): a full queue answers 503 at once. Bad requests get a 4xx with an OpenAI-style
 error body naming the field. SIGTERM stops accepting connections, lets the requests in flight
 finish, then exits.
@@ -269,7 +271,8 @@ def build_app(service: Service):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "batches": service.batcher.batches}
+        return {"status": "ok", "model": name, "batches": service.batcher.batches,
+                "admitted": service.batcher.admitted}
 
     @app.get("/v1/models")
     async def models():
