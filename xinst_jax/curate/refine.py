@@ -20,7 +20,7 @@ With curate.retrain_generator, the generator is fine-tuned on the round's kept p
 template, train.* settings, from the generator's weights) before the next round, as instruction
 backtranslation does; the next round samples from the fine-tuned generator.
 
-Output, `<curate.out or run_dir>/refine/`:
+Output, `<curate.out or run_dir>/refine/` (local or gs://: every file through xinst_jax/paths.py):
 
     round-1/part-00000.jsonl ...   every open pair of the round with its `status` (best, fixed,
                                    worst, flawed) and the evaluator's `probs`; markers hold counts
@@ -28,6 +28,8 @@ Output, `<curate.out or run_dir>/refine/`:
                                    score, round, source_id, refined (the instruction was regenerated)}
     manifest.json                  settings, and per round and language: in, best, fixed, dropped
                                    (worst), flawed (open after the round); in == the sum of the rest
+    round-1/generator/             with curate.retrain_generator (retrain_generator): the round's
+                                   pairs, checkpoints and the tuned generator `hf`
 
 Resume: rounds and shards are redone only when their marker is missing; sampling is seeded by
 (generate.seed, round, candidate index, draw), so a redone shard is the same as the lost one.
@@ -41,7 +43,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from xinst_jax import paths
@@ -58,7 +59,7 @@ STATUSES = ("best", "fixed", "worst", "flawed")  # per round; best and fixed are
 KEPT = ("best", "fixed")
 
 
-def candidates_path(cfg: Config) -> Path:
+def candidates_path(cfg: Config) -> Any:
     path = paths.as_path(cfg.curate.candidates) if cfg.curate.candidates else stage_dir(cfg, "candidates")
     if path.is_dir():
         path = path / "candidates.jsonl"
@@ -68,7 +69,7 @@ def candidates_path(cfg: Config) -> Path:
     return path
 
 
-def read_candidates(cfg: Config, path: Path) -> list[dict]:
+def read_candidates(cfg: Config, path: Any) -> list[dict]:
     """Candidates in file order, each with its `index`; bad lines are an error naming file:line:field
     (the candidates job wrote this file, so a bad line means it was edited or truncated)."""
     reader = RecordReader(cfg.data.languages, sys.maxsize, strict=True, required=("instruction", "output"),
@@ -177,23 +178,28 @@ def round_counts(rows: list[dict]) -> dict:
     return table
 
 
-def read_round(rdir: Path, num_shards: int) -> list[dict]:
+def read_round(rdir: Any, num_shards: int) -> list[dict]:
     rows = []
     for k in range(num_shards):
         rows += [json.loads(line) for line in shard_paths(rdir, k)[0].read_text(encoding="utf-8").splitlines()]
     return rows
 
 
-def retrain_generator(cfg: Config, models: Models, kept: list[dict], round_: int, out: Path) -> None:
+def retrain_generator(cfg: Config, models: Models, kept: list[dict], round_: int, out: Any) -> None:
     """Fine-tune the generator on this round's kept pairs (revgen: response -> instruction) and use
-    the result for the next round."""
+    the result for the next round. Its files go to <out>/round-<r>/generator/ (local or gs://):
+    pairs.jsonl, init_hf (a checkpoint generator's weights as the trainer's start), checkpoints
+    (so that a preempted retraining resumes) and hf, the tuned generator. The trainer's run_dir
+    (metrics, TensorBoard events, the prepared TFRecords) is that directory when local, else the
+    same path under the job's own run_dir: run_dir stays on the worker."""
     from xinst_jax.finetune import run_finetune
 
-    rdir = out / f"round-{round_}" / "generator"
-    hf = rdir / "hf"
-    if not (hf / "config.json").exists():
-        pairs = rdir / "pairs.jsonl"
-        rdir.mkdir(parents=True, exist_ok=True)
+    rel = f"round-{round_}/generator"
+    rdir = paths.join(out, rel)
+    hf = paths.join(rdir, "hf")
+    if not paths.exists(paths.join(hf, "config.json")):
+        pairs = paths.join(rdir, "pairs.jsonl")
+        paths.makedirs(rdir)
         write_atomic(pairs, "".join(json.dumps({"id": r["id"], "lang": r["lang"], "instruction": r["instruction"],
                                                 "output": r["output"]}, ensure_ascii=False) + "\n"
                                     for r in kept).encode("utf-8"))
@@ -203,18 +209,19 @@ def retrain_generator(cfg: Config, models: Models, kept: list[dict], round_: int
             from xinst_jax.checkpoint import load_params_for_export
             from xinst_jax.convert.hf import export_hf
 
-            init = str(rdir / "init_hf")
-            if not (Path(init) / "config.json").exists():
+            init = paths.join(rdir, "init_hf")
+            if not paths.exists(paths.join(init, "config.json")):
                 export_hf(load_params_for_export(checkpoint, cfg.model), cfg.model, init, dtype="float32")
+        run_dir = paths.join(cfg.resolved_run_dir(), "refine", rel) if paths.is_remote(rdir) else rdir
         tuned = dataclasses.replace(
-            cfg, job="finetune", run_dir=str(rdir),
+            cfg, job="finetune", run_dir=run_dir,
             data=dataclasses.replace(cfg.data, source="tfrecord", template="revgen", inputs=[DataInputConfig(
-                path=str(pairs))], tokenizer=cfg.data.tokenizer or cfg.generate.tokenizer, prepared_dir=""),
+                path=pairs)], tokenizer=cfg.data.tokenizer or cfg.generate.tokenizer, prepared_dir=""),
             train=dataclasses.replace(cfg.train, init_from=init, export_at_end=True),
-            checkpoint=dataclasses.replace(cfg.checkpoint, dir=""),
-            export=dataclasses.replace(cfg.export, out=str(hf), dtype="float32", checkpoint="", hf_source=""))
+            checkpoint=dataclasses.replace(cfg.checkpoint, dir=paths.join(rdir, "checkpoints")),
+            export=dataclasses.replace(cfg.export, out=hf, dtype="float32", checkpoint="", hf_source=""))
         run_finetune(tuned)
-    models.generator_source = ("", str(hf))
+    models.generator_source = ("", hf)
     models._generator = None
 
 
@@ -247,7 +254,7 @@ def run_refine(cfg: Config) -> dict:
     out = stage_dir(cfg, "refine")
     out.mkdir(parents=True, exist_ok=True)
     settings = {
-        "stage": "refine", "candidates": str(source.resolve()), "candidates_sha256": file_sha256(source),
+        "stage": "refine", "candidates": paths.absolute(str(source)), "candidates_sha256": file_sha256(source),
         "evaluator": [cur.evaluator_checkpoint, cur.evaluator_hf_dir], "generator": [gen.checkpoint, gen.hf_dir],
         "rounds": cur.rounds, "fresh_instructions": cur.fresh_instructions, "shard_size": cur.shard_size,
         "retrain_generator": cur.retrain_generator, "model": dataclasses.asdict(cfg.model),
@@ -290,7 +297,7 @@ def run_refine(cfg: Config) -> dict:
                 retrain_generator(cfg, models, round_kept, r, out)
             if count > 1:
                 multihost_utils.sync_global_devices(f"xinst_jax.refine.retrain{r}")
-            models.generator_source = ("", str(out / f"round-{r}" / "generator" / "hf"))
+            models.generator_source = ("", paths.join(out, f"round-{r}", "generator", "hf"))
             models._generator = None
 
     kept.sort(key=lambda row: row["index"])

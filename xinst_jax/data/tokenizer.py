@@ -33,6 +33,7 @@ import copy
 import hashlib
 import json
 import os
+import tempfile
 from typing import Any, Optional, Sequence
 
 from xinst_jax import paths
@@ -429,8 +430,13 @@ def save_tokenizer_files(model_file: str, out_dir: str, add_bos: bool = True, ad
     and would drop a text's leading space)."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-    if is_remote(out_dir):
-        raise DataError(f"tokenizer output {out_dir}: write tokenizers locally, then copy")
+    if is_remote(out_dir):  # `tokenizers` saves to local files only: made in a temporary directory, then copied
+        with tempfile.TemporaryDirectory() as tmp:
+            made = save_tokenizer_files(model_file, tmp, add_bos, add_eos)
+            paths.makedirs(out_dir)
+            for local in made:
+                paths.copy_file(local, paths.join(out_dir, os.path.basename(local)))
+        return [paths.join(out_dir, os.path.basename(local)) for local in made]
     os.makedirs(out_dir, exist_ok=True)
     target = os.path.join(out_dir, SP_FILE)
     with open_binary(model_file) as f:

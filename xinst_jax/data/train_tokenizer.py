@@ -4,7 +4,8 @@
 
 Trains on every text field (`text`, `instruction`, `output`) of the records that `data.inputs`
 yields (validated like prepare's, `data.languages` and `data.max_chars` apply), one line per
-training sentence, and writes into `data.tokenizer` (a directory; default `<run_dir>/tokenizer`):
+training sentence, and writes into `data.tokenizer` (a directory, local or gs://, written through
+xinst_jax/paths.py; default `<run_dir>/tokenizer`):
 
   tokenizer.model          the SentencePiece model (unk 0, BOS <s> 1, EOS </s> 2, no pad)
   tokenizer.json           the same tokenizer for the `tokenizers` library (identical ids)
@@ -28,6 +29,7 @@ import os
 import random
 import time
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError
 from xinst_jax.data.records import TEXT_FIELDS, DataError, RecordReader
 from xinst_jax.data.tokenizer import SP_FILE, load_tokenizer, save_tokenizer_files
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def tokenizer_out_dir(cfg: Config) -> str:
-    path = cfg.data.tokenizer or os.path.join(str(cfg.resolved_run_dir()), "tokenizer")
+    path = cfg.data.tokenizer or paths.join(cfg.resolved_run_dir(), "tokenizer")
     if path.endswith((".model", ".json")):
         raise ConfigError(f"data.tokenizer: train_tokenizer writes a directory; got the file name {path!r}")
     return path
@@ -87,10 +89,9 @@ def run_train_tokenizer(cfg: Config) -> str:
     start = time.time()
     sentences, reader = collect_sentences(cfg)
     model = train_sentencepiece(sentences, cfg.data.tokenizer_vocab_size, cfg.data.tokenizer_character_coverage)
-    os.makedirs(out_dir, exist_ok=True)
-    model_file = os.path.join(out_dir, SP_FILE)
-    with open(model_file, "wb") as f:
-        f.write(model)
+    paths.makedirs(out_dir)
+    model_file = paths.join(out_dir, SP_FILE)
+    paths.write_atomic(model_file, model)
     save_tokenizer_files(model_file, out_dir, add_bos=True, add_eos=False)
     # self-check: the tokenizer.json gives the SentencePiece ids
     sp, hf = load_tokenizer(model_file), load_tokenizer(out_dir)

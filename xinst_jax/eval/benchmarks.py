@@ -46,6 +46,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from xinst_jax import paths
 from xinst_jax.config import ConfigError
 from xinst_jax.data.records import json_objects
 
@@ -85,11 +86,12 @@ def xcopa_choices(doc: dict) -> list[str]:
     return [convert_choice(doc["choice1"]), convert_choice(doc["choice2"])]
 
 
-def xcopa_file(root: Path, lang: str, split: str = "val") -> Path:
-    return Path(root) / lang / f"{split}.{lang}.jsonl"
+def xcopa_file(root: Any, lang: str, split: str = "val") -> Any:
+    """<root>/<lang>/<split>.<lang>.jsonl; root local or gs:// (the path layer)."""
+    return paths.as_path(paths.join(root, lang, f"{split}.{lang}.jsonl"))
 
 
-def read_xcopa(path: Path, lang: str, key: str = "eval.xcopa") -> list[dict]:
+def read_xcopa(path: Any, lang: str, key: str = "eval.xcopa") -> list[dict]:
     """XCOPA items of one file; any bad line is a ConfigError naming file:line and field."""
     if lang not in XCOPA_CONNECTORS:
         raise ConfigError(f"{key}: XCOPA has no language {lang!r} (known: {', '.join(sorted(XCOPA_CONNECTORS))})")

@@ -30,6 +30,9 @@ Resume: answers are written per language (atomically) beside a manifest of what 
 refused if the manifest differs. Judge and opponent replies are cached (judge.py): a rerun sends
 no request twice. The benchmarks are recomputed (they are cheap next to generation).
 
+Paths: eval.prompts, eval.reference, eval.xcopa, eval.perplexity, eval.metrics, eval.judge.cache
+and eval.out are local or gs://, read and written through xinst_jax/paths.py.
+
 Processes: each process generates the languages i::n of the list, and scores the XCOPA items and
 perplexity documents i::n, on its own engine over its local devices; process 0 gathers the parts
 (files under <out>/parts), judges and writes the report.
@@ -43,9 +46,9 @@ import logging
 import sys
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Optional
 
+from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError
 from xinst_jax.data.records import DataError
 from xinst_jax.jobs import register_job
@@ -58,20 +61,22 @@ XCOPA_ADD_BOS = False  # as lm-eval's default (add_bos_token=False); not yet a c
 ROW_ID_STRIDE = 1 << 20  # sampling row id = language slot * stride + prompt index (< 2^32)
 
 
-def _out_dir(cfg: Config) -> Path:
-    return Path(cfg.eval.out) if cfg.eval.out else cfg.resolved_run_dir() / "eval"
+def _out_dir(cfg: Config) -> Any:
+    """eval.out (local or gs://, as paths.as_path gives it), or <run_dir>/eval."""
+    return paths.as_path(cfg.eval.out) if cfg.eval.out else cfg.resolved_run_dir() / "eval"
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def read_prompts(path: Path, max_prompts: int = 0, key: str = "eval.prompts") -> list[dict]:
-    """[{id, instruction}] from a .jsonl or a .json list (module docstring); a bad record is a
-    ConfigError naming the file, the line (or list index) and the field."""
+def read_prompts(path: Any, max_prompts: int = 0, key: str = "eval.prompts") -> list[dict]:
+    """[{id, instruction}] from a .jsonl or a .json list (module docstring), local or gs://; a bad
+    record is a ConfigError naming the file, the line (or list index) and the field."""
+    path = paths.as_path(str(path))
     rows: list[tuple[str, Any]] = []
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(paths.read_text(path))
         except (UnicodeDecodeError, ValueError) as e:
             raise ConfigError(f"{key}: {path}: not valid JSON ({e})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -80,7 +85,7 @@ def read_prompts(path: Path, max_prompts: int = 0, key: str = "eval.prompts") ->
             raise ConfigError(f"{key}: {path}: expected a JSON list of objects")
         rows = [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
     elif path.name.endswith(".jsonl"):
-        with open(path, "rb") as f:
+        with paths.open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
@@ -119,7 +124,7 @@ def read_prompts(path: Path, max_prompts: int = 0, key: str = "eval.prompts") ->
     return prompts
 
 
-def read_reference(path: Path, key: str = "eval.reference") -> dict[tuple[str, str], str]:
+def read_reference(path: Any, key: str = "eval.reference") -> dict[tuple[str, str], str]:
     """(id, lang) -> output from a JSONL of {id, lang, output}."""
     from xinst_jax.data.records import json_objects
 
@@ -156,9 +161,10 @@ def _validate(cfg: Config) -> dict:
             raise ConfigError(f"generate.{k}: must be >= 1, got {getattr(gen, k)}")
     if not gen.prompt_buckets or any(b < 2 for b in gen.prompt_buckets):
         raise ConfigError(f"generate.prompt_buckets: expected lengths >= 2, got {gen.prompt_buckets}")
+    # inputs local or gs:// (the path layer): checked here, before a model is loaded
     got: dict = {"prompts": None, "reference": None, "xcopa": None, "metrics": None}
     if ev.prompts:
-        p = Path(ev.prompts)
+        p = paths.as_path(ev.prompts)
         if not p.is_file():
             raise ConfigError(f"eval.prompts: {p} not found")
         got["prompts"] = p
@@ -186,19 +192,19 @@ def _validate(cfg: Config) -> dict:
                 raise ConfigError(f"eval.judge.api_key_env: the environment variable {ev.judge.api_key_env} is not "
                                   f"set, and {url_key}={url} is not a local endpoint")
     if ev.reference:
-        r = Path(ev.reference)
+        r = paths.as_path(ev.reference)
         if not r.is_file():
             raise ConfigError(f"eval.reference: {r} not found")
         got["reference"] = r
     if ev.opponent_base_url and not ev.opponent_model:
         raise ConfigError("eval.opponent_model: empty, but eval.opponent_base_url is set")
     if ev.xcopa:
-        x = Path(ev.xcopa)
+        x = paths.as_path(ev.xcopa)
         if not x.is_dir():
             raise ConfigError(f"eval.xcopa: {x} is not a directory (expected lm-eval's layout <lang>/val.<lang>.jsonl)")
         got["xcopa"] = x
     if ev.metrics:
-        m = Path(ev.metrics)
+        m = paths.as_path(ev.metrics)
         if not m.is_file():
             raise ConfigError(f"eval.metrics: {m} not found")
         got["metrics"] = m
@@ -225,7 +231,7 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _gather(out: Path, name: str, mine: list, process: int, count: int) -> Optional[list]:
+def _gather(out: Any, name: str, mine: list, process: int, count: int) -> Optional[list]:
     """Every process's `mine` (lists of JSON-able rows), concatenated in process order; on
     process 0 only (None elsewhere). One process: no files."""
     if count == 1:
@@ -249,13 +255,13 @@ def _row_slot(lang: str) -> int:
     return zlib.crc32(lang.encode()) % ((1 << 32) // ROW_ID_STRIDE)
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
+def _count_lines(path: Any) -> int:
+    with paths.open(path, "rb") as f:
         return sum(1 for _ in f)
 
 
 def generate_answers(cfg: Config, engine, task, tokenizer, settings, prompts: list[dict], langs: list[str],
-                     answers_dir: Path) -> dict[str, str]:
+                     answers_dir: Any) -> dict[str, str]:
     """answers/<lang>.jsonl for `langs` (skipping finished ones); returns lang -> 'generated'|'reused'."""
     from xinst_jax.infer.job import output_text
 
@@ -283,11 +289,11 @@ def generate_answers(cfg: Config, engine, task, tokenizer, settings, prompts: li
     return done
 
 
-def read_answers(answers_dir: Path, langs: list[str]) -> dict[str, list[dict]]:
+def read_answers(answers_dir: Any, langs: list[str]) -> dict[str, list[dict]]:
     out = {}
     for lang in langs:
-        with open(answers_dir / f"{lang}.jsonl", encoding="utf-8") as f:
-            out[lang] = [json.loads(line) for line in f if line.strip()]
+        lines = paths.read_text(answers_dir / f"{lang}.jsonl").splitlines()
+        out[lang] = [json.loads(line) for line in lines if line.strip()]
     return out
 
 
@@ -306,7 +312,7 @@ def answer_stats(answers: dict[str, list[dict]]) -> dict:
 # --------------------------------------------------------------------------- opponents and judging
 
 
-def opponent_answers(cfg: Config, prompts: list[dict], langs: list[str], out: Path) -> tuple[dict, dict]:
+def opponent_answers(cfg: Config, prompts: list[dict], langs: list[str], out: Any) -> tuple[dict, dict]:
     """(lang -> id -> answer or None when the endpoint failed, client stats) from the second endpoint."""
     import concurrent.futures
 
@@ -330,9 +336,12 @@ def opponent_answers(cfg: Config, prompts: list[dict], langs: list[str], out: Pa
 
     answers: dict[str, dict] = {lang: {} for lang in langs}
     jobs = [(lang, p) for lang in langs for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(JUDGE_CONCURRENCY) as pool:
-        for (lang, p), text in zip(jobs, pool.map(lambda j: ask(*j), jobs)):
-            answers[lang][p["id"]] = text
+    try:
+        with concurrent.futures.ThreadPoolExecutor(JUDGE_CONCURRENCY) as pool:
+            for (lang, p), text in zip(jobs, pool.map(lambda j: ask(*j), jobs)):
+                answers[lang][p["id"]] = text
+    finally:
+        client.cache.save()  # what a cache on a bucket has not written yet
     opp_dir = out / "answers_opponent"
     opp_dir.mkdir(parents=True, exist_ok=True)
     for lang in langs:
@@ -343,13 +352,13 @@ def opponent_answers(cfg: Config, prompts: list[dict], langs: list[str], out: Pa
 
 
 def run_judge(cfg: Config, prompts: list[dict], answers: dict[str, list[dict]], theirs: dict[str, dict],
-              opponent: str, out: Path) -> dict:
+              opponent: str, out: Any) -> dict:
     """Judge ours against `theirs` (lang -> id -> text or None); judge.jsonl + the summary."""
     from xinst_jax.eval.judge import (ChatClient, EndpointError, Judge, PairItem, PairVerdict, ReplyCache,
                                       api_key_from_env, judge_endpoint_config, rule_text, summarize)
 
     jc = cfg.eval.judge
-    cache_path = Path(jc.cache) if jc.cache else out / "judge_cache.jsonl"
+    cache_path = paths.as_path(jc.cache) if jc.cache else out / "judge_cache.jsonl"
     cache = ReplyCache(cache_path)
     client = ChatClient(jc.base_url, jc.model, api_key_from_env(jc.api_key_env), timeout_s=jc.timeout_s,
                         retries=jc.retries, backoff_s=jc.backoff_s, cache=cache)
@@ -372,6 +381,8 @@ def run_judge(cfg: Config, prompts: list[dict], answers: dict[str, list[dict]], 
         verdicts = judge.judge(items) + failed_opponent
     except EndpointError as e:
         raise ConfigError(str(e)) from None
+    finally:
+        cache.save()  # what a cache on a bucket has not written yet
     order = {lang: i for i, lang in enumerate(answers)}
     position = {p["id"]: i for i, p in enumerate(prompts)}
     verdicts.sort(key=lambda v: (order[v.lang], position[v.id]))
@@ -389,7 +400,7 @@ def run_judge(cfg: Config, prompts: list[dict], answers: dict[str, list[dict]], 
 # --------------------------------------------------------------------------- benchmarks
 
 
-def xcopa_inputs(root: Path, langs: list[str]) -> tuple[dict[str, tuple[Path, str]], list[str]]:
+def xcopa_inputs(root: Any, langs: list[str]) -> tuple[dict[str, tuple[Any, str]], list[str]]:
     """lang -> (file, split) for the eval languages XCOPA has; and the XCOPA languages without a file."""
     from xinst_jax.eval.benchmarks import XCOPA_CONNECTORS, XCOPA_SPLITS, xcopa_file
 
@@ -411,7 +422,7 @@ def xcopa_inputs(root: Path, langs: list[str]) -> tuple[dict[str, tuple[Path, st
     return found, missing
 
 
-def run_xcopa(engine, tokenizer, files: dict[str, tuple[Path, str]], process: int, count: int, out: Path
+def run_xcopa(engine, tokenizer, files: dict[str, tuple[Any, str]], process: int, count: int, out: Any
               ) -> Optional[list[dict]]:
     from xinst_jax.eval.benchmarks import read_xcopa, score_xcopa
 
@@ -485,7 +496,8 @@ def run_eval(cfg: Config) -> dict:
         t0 = time.perf_counter()
         answers_dir = out / "answers"
         answers_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {"prompts": str(inputs["prompts"].resolve()), "prompts_sha256": file_sha256(inputs["prompts"]),
+        manifest = {"prompts": paths.absolute(str(inputs["prompts"])),
+                    "prompts_sha256": file_sha256(inputs["prompts"]),
                     "max_prompts": ev.max_prompts, "model_source": source, "model": dataclasses.asdict(model),
                     "tokenizer_sha256": tokenizer.sha256(), "template": task.describe(),
                     "settings": {k: v for k, v in dataclasses.asdict(gen).items()
@@ -579,7 +591,7 @@ def run_eval(cfg: Config) -> dict:
     return results
 
 
-def _print_summary(out: Path, results: dict) -> None:
+def _print_summary(out: Any, results: dict) -> None:
     parts = []
     if "fidelity" in results:
         parts.append(f"fidelity {results['fidelity']['all']['fidelity']}")

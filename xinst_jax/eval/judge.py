@@ -33,8 +33,8 @@ and timeouts are retried `retries` times with exponential backoff (`backoff_s` *
 at most MAX_BACKOFF_S, longer when the server sends Retry-After); other 4xx answers (a wrong
 key, model or URL) stop the run at once with one line naming the endpoint and the status.
 
-Cache: every reply is appended to a JSONL file (`eval.judge.cache`), keyed by the sha256 of
-(base_url, model, messages, max_tokens, temperature, top_p). A rerun finds every reply it has
+Cache: every reply is appended to a JSONL file (`eval.judge.cache`, local or gs://: ReplyCache),
+keyed by the sha256 of (base_url, model, messages, max_tokens, temperature, top_p). A rerun finds every reply it has
 already paid for there and sends no request for it; a line cut short by a kill is skipped.
 Token counts: the `usage` of every reply, split into billed this run and served from the cache.
 """
@@ -57,9 +57,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from xinst_jax import paths
 from xinst_jax.data.templates import language_name
 
 log = logging.getLogger(__name__)
@@ -343,15 +343,24 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
 
 class ReplyCache:
     """Replies by request key, in an append-only JSONL file (one {"key", "content", "usage",
-    ...} per line). Loaded whole on open; a line cut short (a kill mid-write) is skipped."""
+    ...} per line). Loaded whole on open; a line cut short (a kill mid-write) is skipped.
 
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
+    The file may be on a bucket (gs://, through xinst_jax/paths.py), where objects cannot be
+    appended to: there the whole file is rewritten after every REMOTE_SAVE_EVERY new replies and
+    by save(), which the judging code calls when it ends (a kill loses at most that many replies,
+    asked again on the rerun). A local file gets each reply appended and fsynced as it comes."""
+
+    REMOTE_SAVE_EVERY = 32
+
+    def __init__(self, path: Any):
+        self.path = paths.as_path(str(path))
+        self._remote = paths.is_remote(str(path))
+        self._unsaved = 0  # replies not yet on the bucket
         self._entries: dict[str, dict] = {}
         self._lock = threading.Lock()
         self.skipped_lines = 0
         if self.path.exists():
-            with open(self.path, "rb") as f:
+            with paths.open(self.path, "rb") as f:
                 for line in f:
                     try:
                         entry = json.loads(line.decode("utf-8"))
@@ -374,6 +383,11 @@ class ReplyCache:
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             self._entries[key] = entry
+            if self._remote:
+                self._unsaved += 1
+                if self._unsaved >= self.REMOTE_SAVE_EVERY:
+                    self._rewrite()
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as f:
                 if f.tell() and not self._ends_with_newline():
@@ -381,6 +395,17 @@ class ReplyCache:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
+
+    def save(self) -> None:
+        """Put the replies a bucket copy still lacks there (a local file is always complete)."""
+        with self._lock:
+            if self._unsaved:
+                self._rewrite()
+
+    def _rewrite(self) -> None:
+        paths.write_atomic(self.path, "".join(json.dumps(e, ensure_ascii=False) + "\n"
+                                              for e in self._entries.values()).encode("utf-8"))
+        self._unsaved = 0
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

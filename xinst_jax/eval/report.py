@@ -1,4 +1,5 @@
-"""results.json -> report.md and PNG plots (matplotlib's object API on the Agg canvas, no pyplot):
+"""results.json -> report.md and PNG plots (matplotlib's object API on the Agg canvas, no pyplot),
+written through the path layer (eval.out may be gs://):
 
     win_tie_loss.png   judge outcomes per language, stacked bars (share of the judged pairs)
     fidelity.png       language fidelity per language, with the mixed-script share beside it
@@ -9,11 +10,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
+from xinst_jax import paths
 from xinst_jax.eval.fidelity import confusion_columns, confusion_row
 
 COLORS = {"win": "#2e7d32", "tie": "#9e9e9e", "loss": "#c62828", "fidelity": "#1565c0", "mixed": "#ef6c00", "wrong": "#8d6e63",
@@ -21,8 +23,9 @@ COLORS = {"win": "#2e7d32", "tie": "#9e9e9e", "loss": "#c62828", "fidelity": "#1
 
 
 @contextlib.contextmanager
-def _plot(path: Path, title: str, width: float = 7.0, height: float = 4.0):
-    """One titled axes on an Agg figure, saved to `path` as PNG when the block ends."""
+def png_figure(path: Any, title: str, width: float = 7.0, height: float = 4.0) -> Iterator[Any]:
+    """One titled axes on an Agg figure, saved to `path` (local or gs://, through the path layer)
+    as PNG when the block ends. Every plot of the project is drawn this way (eval, diversify)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -32,18 +35,20 @@ def _plot(path: Path, title: str, width: float = 7.0, height: float = 4.0):
     yield ax
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    paths.write_atomic(path, png.getvalue())
 
 
 def _bar_width(n: int, least: float = 5.0) -> float:
     return max(least, 0.7 * n + 2.5)
 
 
-def plot_win_tie_loss(path: Path, per_language: dict, title: str) -> bool:
+def plot_win_tie_loss(path: Any, per_language: dict, title: str) -> bool:
     langs = [lang for lang in per_language if lang != "all" and per_language[lang]["judged"]]
     if not langs:
         return False
-    with _plot(path, title, _bar_width(len(langs))) as ax:
+    with png_figure(path, title, _bar_width(len(langs))) as ax:
         bottom = [0.0] * len(langs)
         for k in ("win", "tie", "loss"):
             vals = [per_language[lang][f"{k}_rate"] or 0.0 for lang in langs]
@@ -61,11 +66,11 @@ def plot_win_tie_loss(path: Path, per_language: dict, title: str) -> bool:
     return True
 
 
-def plot_fidelity(path: Path, per_language: dict) -> bool:
+def plot_fidelity(path: Any, per_language: dict) -> bool:
     langs = list(per_language)
     if not langs:
         return False
-    with _plot(path, "Language fidelity (py3langid)", _bar_width(len(langs))) as ax:
+    with png_figure(path, "Language fidelity (py3langid)", _bar_width(len(langs))) as ax:
         xs = list(range(len(langs)))
         w = 0.27
         for shift, key, color, label in ((-w, "fidelity", COLORS["fidelity"], "in the requested language"),
@@ -81,11 +86,11 @@ def plot_fidelity(path: Path, per_language: dict) -> bool:
     return True
 
 
-def plot_xcopa(path: Path, per_language: dict) -> bool:
+def plot_xcopa(path: Any, per_language: dict) -> bool:
     langs = list(per_language)
     if not langs:
         return False
-    with _plot(path, "XCOPA (log-likelihood, lm-eval format)", _bar_width(len(langs), least=4.0)) as ax:
+    with png_figure(path, "XCOPA (log-likelihood, lm-eval format)", _bar_width(len(langs), least=4.0)) as ax:
         accs = [per_language[lang]["acc"] or 0.0 for lang in langs]
         errs = [per_language[lang]["acc_stderr"] or 0.0 for lang in langs]
         ax.bar(langs, accs, yerr=errs, color=COLORS["xcopa"], capsize=3)
@@ -96,10 +101,10 @@ def plot_xcopa(path: Path, per_language: dict) -> bool:
     return True
 
 
-def read_loss_curve(metrics: Path) -> tuple[list[int], list[float]]:
+def read_loss_curve(metrics: Any) -> tuple[list[int], list[float]]:
     """(steps, losses) from a metrics.jsonl; unreadable lines are skipped (a run may be writing)."""
     steps, losses = [], []
-    with open(metrics, "rb") as f:
+    with paths.open(metrics, "rb") as f:
         for raw in f:
             try:
                 rec = json.loads(raw)
@@ -112,11 +117,11 @@ def read_loss_curve(metrics: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def plot_loss(path: Path, metrics: Path) -> bool:
+def plot_loss(path: Any, metrics: Any) -> bool:
     steps, losses = read_loss_curve(metrics)
     if not steps:
         return False
-    with _plot(path, f"Training loss ({metrics.parent.name}/{metrics.name})") as ax:
+    with png_figure(path, f"Training loss ({metrics.parent.name}/{metrics.name})") as ax:
         ax.plot(steps, losses, color=COLORS["loss_curve"], linewidth=1)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -139,7 +144,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     return out
 
 
-def write_report(out: Path, results: dict, plots: dict[str, str]) -> Path:
+def write_report(out: Any, results: dict, plots: dict[str, str]) -> Any:
     """report.md in `out` from results.json's content; `plots`: name -> file name."""
     lines = ["# X-Instruction evaluation", ""]
     lines += [f"- model: `{results.get('model', '-')}`", f"- template: `{results.get('template', '-')}`",
@@ -219,11 +224,11 @@ def write_report(out: Path, results: dict, plots: dict[str, str]) -> Path:
     if "loss" in plots:
         lines += ["## Training loss", "", f"![loss]({plots['loss']})", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    paths.write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 
-def make_plots(out: Path, results: dict, metrics: Optional[Path]) -> dict[str, str]:
+def make_plots(out: Any, results: dict, metrics: Optional[Any]) -> dict[str, str]:
     """Every plot the results allow; returns name -> file name (relative to `out`)."""
     made = {}
     judge = results.get("judge")
