@@ -305,9 +305,10 @@ def test_diversify_reads_and_writes_gs(tmp_path, gcs, cache):
     names = assert_same_files(str(tmp_path / "out" / "diversify"), f"{BUCKET}/curate/diversify",
                               skip=("manifest.json", "report.md"))
     assert {"th.jsonl", "th_clusters.png", "report.md"} <= set(names)
-    here = (tmp_path / "out" / "refine" / "refined.jsonl").resolve()
-    assert paths.read_text(f"{BUCKET}/curate/diversify/report.md") == \
-        (tmp_path / "out" / "diversify" / "report.md").read_text().replace(str(here), f"{BUCKET}/curate/refine/refined.jsonl")
+    here = str((tmp_path / "out" / "refine" / "refined.jsonl").resolve())
+    there = f"{BUCKET}/curate/refine/refined.jsonl"
+    report_md = (tmp_path / "out" / "diversify" / "report.md").read_text()
+    assert paths.read_text(f"{BUCKET}/curate/diversify/report.md") == report_md.replace(here, there)
     manifest = json.loads(paths.read_text(f"{BUCKET}/curate/diversify/manifest.json"))
     assert manifest["settings"]["input_sha256"] == [[f"{BUCKET}/curate/refine/refined.jsonl",
                                                      hashlib.sha256(data).hexdigest()]]
@@ -405,7 +406,8 @@ def test_eval_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
         "prompts.jsonl": FALLBACK_PROMPTS[:2],
         f"xcopa/{lang}/val.{lang}.jsonl": [dict(FALLBACK_XCOPA[lang], idx=i, label=i % 2) for i in range(2)],
         "heldout.jsonl": [{"id": "t1", "lang": lang, "text": FALLBACK_TEXT[lang]}],
-        "reference.jsonl": [{"id": p["id"], "lang": lang, "output": w} for p, w in zip(FALLBACK_PROMPTS, ("BAD", "GOOD"))],
+        "reference.jsonl": [{"id": p["id"], "lang": lang, "output": word}
+                            for p, word in zip(FALLBACK_PROMPTS, ("BAD", "GOOD"))],
         "metrics.jsonl": [{"step": s, "loss": 5.0 / s} for s in range(1, 6)],
     }
     for name, rows in files.items():
