@@ -102,8 +102,8 @@ def test_stops_mid_way_refill_the_slots(setup, free):
 
 
 def test_compilation_is_bounded(setup):
-    """One decode chunk per (slots, cache length, settings), one refill per prompt bucket: new
-    prompts, limits, row ids and chunk lengths reuse them all."""
+    """One decode chunk per (slots, cache length, settings, largest running bucket), one refill
+    per prompt bucket: new prompts, limits, row ids and chunk lengths reuse them all."""
     cfg, params, prompts, limits, engine = setup
     first = engine.generate(prompts, PAPER, max_new_tokens=limits, schedule="continuous")
     traced = dict(engine.trace_counts)
@@ -120,7 +120,7 @@ def test_compilation_is_bounded(setup):
     assert dict(engine.trace_counts) == traced  # nothing traced again
     assert all(v == 1 for v in engine.trace_counts.values()), engine.trace_counts
     kinds = sorted(k[0] for k in engine.trace_counts if k[0] in ("chunk", "refill") and k[-1] == PAPER.without_seed())
-    assert kinds == ["chunk", "refill", "refill"]  # refills: buckets 8 and 16
+    assert kinds == ["chunk", "chunk", "refill", "refill"]  # chunks and refills: buckets 8 and 16
     assert sum(k[0] == "init_slots" for k in engine.trace_counts) == 1  # one slot layout for every settings
 
 

@@ -70,6 +70,7 @@ class ContinuousSchedule:
         self.waiting: collections.deque[SlotRow] = collections.deque()
         self.free = list(range(self.rows))
         self.running: dict[int, SlotRow] = {}  # slot -> row
+        self.buckets = [bucket] * self.rows  # slot -> the prompt bucket of its row
         self.refills = self.chunks = self.steps = self.new_tokens = self.added = 0
         self.started = time.perf_counter()
 
@@ -114,8 +115,9 @@ class ContinuousSchedule:
             threshold = rows - len(self.running) + 1 if self.eager else rows
         streamed = any(r.stream for r in self.running.values())
         max_steps = self.stream_chunk_steps if streamed else self.chunk_steps
+        live = max(self.buckets[slot] for slot in self.running)  # the chunk runs on what these rows use
         ran, self.state = e._chunk(e.params, self.state, np.int32(threshold), np.int32(max_steps),
-                                   settings=self.settings)
+                                   settings=self.settings, live=live)
         done, count, finish, ran = jax.device_get((self.state["done"], self.state["step"], self.state["finish"], ran))
         self.chunks += 1
         self.steps += int(ran)
@@ -158,6 +160,7 @@ class ContinuousSchedule:
                 limits[r] = min(row.limit, self.settings.max_new_tokens)
                 keys[r] = row.key
                 self.running[int(slots[r])] = row
+                self.buckets[int(slots[r])] = bucket
             self.state = e._refill(e.params, self.state, e._put(tokens), e._put(lengths), e._put(slots),
                                    e._put(limits), e._put(keys), settings=self.settings)
             self.refills += 1

@@ -212,7 +212,7 @@ class Engine:
         self._score = jax.jit(self._score_impl)
         self._init_slots = jax.jit(self._init_slots_impl, static_argnames=("rows", "length", "width"))
         self._refill = jax.jit(self._refill_impl, static_argnames=("settings",), donate_argnames=("state",))
-        self._chunk = jax.jit(self._chunk_impl, static_argnames=("settings",), donate_argnames=("state",))
+        self._chunk = jax.jit(self._chunk_impl, static_argnames=("settings", "live"), donate_argnames=("state",))
 
     # ----------------------------------------------------------------- placement helpers
 
@@ -430,14 +430,26 @@ class Engine:
                 cache.segment_ids.at[slots].set(segments, mode="drop"), cache.index.at[slots].set(p, mode="drop")))
             return out
 
-    def _chunk_impl(self, params, state, threshold, max_steps, settings: SamplingSettings):
+    def _chunk_impl(self, params, state, threshold, max_steps, settings: SamplingSettings, live: int):
         """Decode steps for every slot until `max_steps` steps ran or at least `threshold` slots are
-        done (free or finished). Returns (steps run, state)."""
+        done (free or finished). Returns (steps run, state).
+
+        `live`: the largest prompt bucket among the running rows. A row of bucket P only uses cache
+        slots [0, P + N - 1) and history [0, P + N], so the steps run on that prefix of the slots'
+        arrays (copied out once per chunk and written back) and attention reads no slot no running
+        row can use: a layout sized for the largest bucket costs what its longest running prompt
+        needs. One compile per `live` bucket."""
         rows, width = state["history"].shape
         length = state["cache"].length
-        self.trace_counts[("chunk", rows, length, width, settings)] += 1
+        self.trace_counts[("chunk", rows, length, width, live, settings)] += 1
+        n_new = settings.max_new_tokens
+        view_len, view_width = min(self.cache_length(live, n_new), length), min(live + n_new + 1, width)
         with self._sharding_context():
             model = nnx.merge(self._graphdef, params)
+            cache = state["cache"]
+            view = dict(state, history=state["history"][:, :view_width], cache=self._constrain_cache(KVCache(
+                [x[:, :, :view_len] for x in cache.k], [x[:, :, :view_len] for x in cache.v],
+                cache.segment_ids[:, :view_len], cache.index)))
 
             def cond(carry):
                 i, state = carry
@@ -446,16 +458,28 @@ class Engine:
             def body(carry):
                 i, state = carry
                 step = state["step"]
-                last = jnp.clip(state["base"] + step - 1, 0, width - 1)  # the slot of the previous token
+                last = jnp.clip(state["base"] + step - 1, 0, view_width - 1)  # the slot of the previous token
                 prev = jnp.take_along_axis(state["history"], last[:, None], axis=1)
                 positions = jnp.maximum(state["lengths"] + step - 1, 0)[:, None]
-                cache = dataclasses.replace(state["cache"], index=jnp.minimum(last, length - 1))
+                cache = dataclasses.replace(state["cache"], index=jnp.minimum(last, view_len - 1))
                 h, cache = model.hidden(prev, positions, jnp.ones_like(prev), self._constrain_cache(cache))
                 logits = model.logits(h)[:, 0]
                 rows = self._select_rows(logits, {k: v for k, v in state.items() if k != "cache"}, settings)
                 return i + 1, dict(rows, cache=self._constrain_cache(cache))
 
-            return jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+            steps, out = jax.lax.while_loop(cond, body, (jnp.int32(0), view))
+            if (view_len, view_width) == (length, width):
+                return steps, out
+
+            def put(full, part):  # the prefix back into the (donated) full array, in place
+                return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), (0,) * full.ndim)
+
+            new = out["cache"]
+            out["history"] = self._constrain_rows(put(state["history"], out["history"]))
+            out["cache"] = self._constrain_cache(KVCache(
+                [put(a, b) for a, b in zip(cache.k, new.k)], [put(a, b) for a, b in zip(cache.v, new.v)],
+                put(cache.segment_ids, new.segment_ids), new.index))
+            return steps, out
 
     # ----------------------------------------------------------------- host API
 
