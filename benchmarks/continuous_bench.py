@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # hf_reference: the SmolLM2 loader shared with the tests
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # machine.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # machine.py, worker_process.py
+
+from worker_process import WorkerProcess, reply  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -94,9 +95,6 @@ def hf_worker() -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    def reply(obj):
-        print("HFW " + json.dumps(obj), flush=True)
-
     def run(model, msg: dict) -> int:
         """Generate for msg's batches; the generated tokens that count (each row's own budget)."""
         eos, tokens = msg["eos"], 0
@@ -143,28 +141,9 @@ def hf_worker() -> None:
             reply(dict(wall=time.perf_counter() - t0, tokens=tokens, threads=torch.get_num_threads(), probe=probe))
 
 
-class HFWorker:
+class HFWorker(WorkerProcess):
     def __init__(self, directory: str, dtype: str, threads: int):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--hf-worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        self.info = self.call(dict(cmd="init", directory=directory, dtype=dtype, threads=threads))
-
-    def call(self, msg: dict) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"transformers worker exited (rc={self.proc.wait()})")
-            if line.startswith("HFW "):
-                return json.loads(line[4:])
-
-    def close(self):
-        try:
-            self.call(dict(cmd="quit"))
-        except (RuntimeError, BrokenPipeError):
-            pass
-        self.proc.wait(timeout=60)
+        super().__init__(__file__, ROOT, dict(cmd="init", directory=directory, dtype=dtype, threads=threads))
 
 
 # --------------------------------------------------------------------------- main

@@ -80,6 +80,7 @@ from xinst_jax.convert.hf import import_hf  # noqa: E402
 from xinst_jax.infer.generate import Engine  # noqa: E402
 from xinst_jax.infer.sampling import SamplingSettings  # noqa: E402
 from machine import cpu_flags, cpu_model  # noqa: E402  (benchmarks/machine.py)
+from worker_process import WorkerProcess, reply  # noqa: E402
 
 
 def mem_total_gb() -> float:
@@ -140,39 +141,14 @@ class Ours:
         return rec, out.tokens
 
 
-class HFWorker:
-    """transformers in its own process, driven over stdin/stdout (JSON lines).
-
-    Two thread pools in one process (XLA's and torch's OpenMP) on few cores spin against each
-    other and slow torch down several-fold; in its own process torch runs as it would alone, and
-    it sits idle (blocked on stdin) while ours runs, and vice versa."""
+class HFWorker(WorkerProcess):
+    """transformers in its own process (see worker_process.py), one side per precision."""
 
     def __init__(self, texts, n_new, eos, bf16: bool, threads: str):
-        import subprocess
-
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--hf-worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        self.info = self.call(dict(cmd="init", texts=texts, n=n_new, eos=eos, bf16=bf16, threads=threads))
+        super().__init__(__file__, ROOT, dict(cmd="init", texts=texts, n=n_new, eos=eos, bf16=bf16, threads=threads))
         self.sides = [HFSide(self, "transformers fp32", "float32", self.info["weight_bytes"])]
         if bf16:
             self.sides.append(HFSide(self, "transformers bf16", "bfloat16", self.info["weight_bytes"] // 2))
-
-    def call(self, msg: dict) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"transformers worker exited (rc={self.proc.wait()})")
-            if line.startswith("HFW "):
-                return json.loads(line[4:])
-
-    def close(self):
-        try:
-            self.call(dict(cmd="quit"))
-        except (RuntimeError, BrokenPipeError):
-            pass
-        self.proc.wait(timeout=60)
 
 
 class HFSide:
@@ -191,9 +167,6 @@ def hf_worker() -> None:
     from transformers import GenerationConfig
 
     from hf_reference import load_smollm2
-
-    def reply(obj):
-        print("HFW " + json.dumps(obj), flush=True)
 
     models, enc, n_new, eos = {}, None, 0, 0
 
