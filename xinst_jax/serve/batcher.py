@@ -131,7 +131,10 @@ class Batcher:
         live: list[Work] = list(group)  # until entered: a failure to open the schedule reaches them too
         schedule = None
         try:
-            # eager: a finished row is answered at once and its slot is open to the next arrival
+            # Slots sized for the largest prompt bucket + the settings' token cap (the engine's
+            # default): a request admitted later may bring any prompt, and the layout cannot grow
+            # while rows run in it (each chunk only computes over what the running rows use).
+            # eager: a finished row is answered at once and its slot is open to the next arrival.
             schedule = self.engine.continuous(group[0].settings, stream_chunk_steps=self.stream_chunk_steps,
                                               eager=True)
             live = []
