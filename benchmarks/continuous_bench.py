@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # hf_reference: the SmolLM2 loader shared with the tests
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # machine.py, worker_process.py
 
-from worker_process import WorkerProcess, reply  # noqa: E402
+from worker_process import WorkerProcess, reply, requests  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -116,11 +116,7 @@ def hf_worker() -> None:
         return tokens
 
     model = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["cmd"] == "quit":
-            reply({})
-            return
+    for msg in requests():
         if msg["cmd"] == "init":
             torch.set_num_threads(msg["threads"] or os.cpu_count() or 1)
             dtype = torch.bfloat16 if msg["dtype"] == "bfloat16" else torch.float32

@@ -80,7 +80,7 @@ from xinst_jax.convert.hf import import_hf  # noqa: E402
 from xinst_jax.infer.generate import Engine  # noqa: E402
 from xinst_jax.infer.sampling import SamplingSettings  # noqa: E402
 from machine import cpu_flags, cpu_model  # noqa: E402  (benchmarks/machine.py)
-from worker_process import WorkerProcess, reply  # noqa: E402
+from worker_process import WorkerProcess, reply, requests  # noqa: E402
 
 
 def mem_total_gb() -> float:
@@ -203,11 +203,7 @@ def hf_worker() -> None:
         return 1e3 * best
 
     auto = False
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["cmd"] == "quit":
-            reply({})
-            return
+    for msg in requests():
         if msg["cmd"] == "init":
             smol = load_smollm2()
             n_new, eos = msg["n"], msg["eos"]

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Iterator
 
 PREFIX = "HFW "  # marks the worker's answers among whatever else it prints
 
@@ -19,6 +20,16 @@ PREFIX = "HFW "  # marks the worker's answers among whatever else it prints
 def reply(obj: dict) -> None:
     """Worker side: answer one request."""
     print(PREFIX + json.dumps(obj), flush=True)
+
+
+def requests() -> Iterator[dict]:
+    """Worker side: the parent's requests, until it says quit (answered here)."""
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "quit":
+            reply({})
+            return
+        yield msg
 
 
 class WorkerProcess:
