@@ -47,14 +47,16 @@ class ContinuousSchedule:
     """`engine.batch_size` slots on the device for rows of one sampling setting (seed aside)."""
 
     def __init__(self, engine: "Engine", settings: SamplingSettings, *, bucket: int, chunk_steps: int,
-                 stream_chunk_steps: int | None = None, eager: bool = False):
+                 stream_chunk_steps: int | None = None, eager: bool = False, reuse_slots: bool = False):
         """`bucket`: the longest prompt bucket a row may have. The slot layout (KV cache and history
         width: bucket + max_new_tokens) is fixed for the schedule's life, since growing it would
         copy every slot and compile another chunk, so a row whose prompt needs a larger bucket
         cannot enter. `chunk_steps` (or `stream_chunk_steps` while a streamed row runs): decode
         steps between returns to the host. `eager`: also return as soon as any row finishes (its
         owner hears at once, and the slot is free for the next arrival) instead of when enough
-        slots for the next waiting group are done."""
+        slots for the next waiting group are done. `reuse_slots`: start from the slots a closed
+        schedule of the same layout left (`close`) instead of new zeroed ones: a server opening one
+        schedule after another does not allocate and zero its KV cache each time."""
         settings.validate()
         if bucket not in engine.buckets:
             raise ValueError(f"bucket {bucket} is not one of the engine's prompt buckets {engine.buckets}")
@@ -65,8 +67,14 @@ class ContinuousSchedule:
         self.rows, self.group = engine.batch_size, engine.refill_size
         cap = settings.max_new_tokens
         # slot bucket + cap - 1 is the last a row ever writes; the history has one spare slot
-        self.state = engine._init_slots(rows=self.rows, length=engine.cache_length(bucket, cap),
-                                        width=bucket + cap + 1)
+        layout = dict(rows=self.rows, length=engine.cache_length(bucket, cap), width=bucket + cap + 1)
+        spare, engine.spare_slots = engine.spare_slots, None  # dropped first when it does not fit: no two at once
+        if reuse_slots and spare is not None and _layout(spare) == layout:
+            self.state = spare  # every slot free (done); a refill rewrites all a slot's row reads
+        else:
+            del spare
+            self.state = engine._init_slots(**layout)
+        self.reuse_slots = reuse_slots
         self.waiting: collections.deque[SlotRow] = collections.deque()
         self.free = list(range(self.rows))
         self.running: dict[int, SlotRow] = {}  # slot -> row
@@ -165,9 +173,21 @@ class ContinuousSchedule:
                                    e._put(limits), e._put(keys), settings=self.settings)
             self.refills += 1
 
+    def close(self) -> None:
+        """The schedule is over; with `reuse_slots` its slots (all free once it drained) stay with
+        the engine for the next schedule."""
+        if self.reuse_slots and not self.busy and self.state is not None:
+            self.engine.spare_slots = self.state
+        self.state = None
+
     def timing(self) -> BatchTiming:
         """The schedule as one timing record (prefills run between the chunks: all in decode_s)."""
         return BatchTiming(bucket=self.bucket, rows=self.added, prefill_s=0.0,
                            decode_s=time.perf_counter() - self.started, steps=self.steps,
                            new_tokens=self.new_tokens, schedule="continuous", refills=self.refills,
                            chunks=self.chunks)
+
+
+def _layout(state: dict) -> dict:
+    rows, width = state["history"].shape
+    return dict(rows=rows, length=state["cache"].length, width=width)

@@ -183,6 +183,7 @@ class Engine:
         self.schedule, self.chunk_steps = schedule, int(chunk_steps)
         self.trace_counts: Counter = Counter()
         self.timings: list[BatchTiming] = []
+        self.spare_slots: dict | None = None  # a closed schedule's slots, for the next (reuse_slots)
         dp = 1
         if mesh is not None:
             if rules is None:
@@ -556,7 +557,8 @@ class Engine:
         return GenerationOutput(tokens_out, finish_out, used, truncated)
 
     def continuous(self, settings: SamplingSettings, *, bucket: int | None = None, chunk_steps: int | None = None,
-                   stream_chunk_steps: int | None = None, eager: bool = False) -> "ContinuousSchedule":
+                   stream_chunk_steps: int | None = None, eager: bool = False,
+                   reuse_slots: bool = False) -> "ContinuousSchedule":
         """A continuous schedule over this engine's slots (continuous.py): rows are added to it and
         enter free slots between decode chunks. `bucket` (default: the largest prompt bucket, so
         every prompt fits, whenever it arrives) fixes the slot layout for the schedule's life."""
@@ -564,7 +566,7 @@ class Engine:
 
         return ContinuousSchedule(self, settings, bucket=bucket or self.buckets[-1],
                                   chunk_steps=chunk_steps or self.chunk_steps, stream_chunk_steps=stream_chunk_steps,
-                                  eager=eager)
+                                  eager=eager, reuse_slots=reuse_slots)
 
     def _generate_continuous(self, prompts, settings: SamplingSettings, row_ids: list[int], limits: list[int],
                              progress: Progress | None, chunk_steps: int) -> GenerationOutput:

@@ -135,8 +135,9 @@ class Batcher:
             # default): a request admitted later may bring any prompt, and the layout cannot grow
             # while rows run in it (each chunk only computes over what the running rows use).
             # eager: a finished row is answered at once and its slot is open to the next arrival.
+            # reuse_slots: one schedule after another on the same layout, without zeroing a new one.
             schedule = self.engine.continuous(group[0].settings, stream_chunk_steps=self.stream_chunk_steps,
-                                              eager=True)
+                                              eager=True, reuse_slots=True)
             live = []
             for w in group:
                 self._enter(schedule, w, live)
@@ -152,6 +153,7 @@ class Batcher:
                     self._enter(schedule, w, live)
                     self.admitted += 1
                 if not schedule.step():
+                    schedule.close()
                     break
         except Exception as e:  # noqa: BLE001 (every request in the schedule learns what went wrong)
             for w in live:
