@@ -121,6 +121,7 @@ def test_a_short_request_admitted_while_a_long_one_runs_finishes_first(engine, p
     assert got_short == alone(engine, short)
     assert got_long == alone(engine, long) and len(got_long[0][0]) == CAP
     assert batcher.batches == 1 and batcher.admitted == 1  # one schedule: the short one joined it
+    batcher.close(TIMEOUT)  # the worker is past the schedule's end
     assert engine.spare_slots is not None  # its slots wait for the next schedule (the tests below start there)
 
 
