@@ -114,8 +114,12 @@ def test_a_short_request_admitted_while_a_long_one_runs_finishes_first(engine, p
     long.future.add_done_callback(lambda _: order.append("long"))
     short = work([prompts[1]], GREEDY, [4], row_ids=[5])
     short.future.add_done_callback(lambda _: order.append("short"))
+    empty = work([[]], GREEDY, [3])  # a bad request fails alone; the schedule goes on
+    batcher.submit(empty)
     batcher.submit(short)
     gate.open.set()
+    with pytest.raises(ValueError, match="empty"):
+        empty.future.result(TIMEOUT)
     got_short, got_long = answers(short), answers(long)
     assert order == ["short", "long"]
     assert got_short == alone(engine, short)

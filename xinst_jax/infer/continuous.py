@@ -111,8 +111,8 @@ class ContinuousSchedule:
     # ---- one round
 
     def step(self) -> bool:
-        """Fill free slots with waiting rows, run one decode chunk, report. False when nothing is
-        left to run (then nothing ran)."""
+        """Fill free slots with waiting rows, run one decode chunk, report. False when no row was
+        left to run (then nothing ran: rows added later start a fresh round with another step)."""
         self._fill()
         if not self.running:
             return False
@@ -145,7 +145,7 @@ class ContinuousSchedule:
                 if row.stream:
                     row.report(tokens(slot), None)
             self.free = sorted(self.free + finished)
-        return self.busy
+        return True
 
     def _fill(self) -> None:
         """Prefill waiting rows, a group of `refill_size` at a time (each group in its own bucket),

@@ -128,7 +128,7 @@ class Batcher:
         arrivals must not overtake it)."""
         self.batches += 1
         key = group[0].key(True)
-        live: list[Work] = list(group)  # until entered: a failure to open the schedule reaches them too
+        entered: list[Work] = list(group)  # until entered: a failure to open the schedule reaches them too
         schedule = None
         try:
             # Slots sized for the largest prompt bucket + the settings' token cap (the engine's
@@ -138,9 +138,9 @@ class Batcher:
             # reuse_slots: one schedule after another on the same layout, without zeroing a new one.
             schedule = self.engine.continuous(group[0].settings, stream_chunk_steps=self.stream_chunk_steps,
                                               eager=True, reuse_slots=True)
-            live = []
+            entered = []
             for w in group:
-                self._enter(schedule, w, live)
+                self._enter(schedule, w, entered)
             while True:
                 while not pending and schedule.has_room:
                     try:
@@ -150,26 +150,25 @@ class Batcher:
                     if w.key(True) != key:
                         pending.append(w)
                         break
-                    self._enter(schedule, w, live)
-                    self.admitted += 1
-                if not schedule.step():
+                    self.admitted += self._enter(schedule, w, entered)
+                if not schedule.step():  # nothing ran: every row finished and nothing joined
                     schedule.close()
                     break
         except Exception as e:  # noqa: BLE001 (every request in the schedule learns what went wrong)
-            for w in live:
+            for w in entered:
                 if not w.future.done():
                     w.future.set_exception(e)
         if schedule is not None:
             self.rows_per_batch.append(schedule.added)
             self.engine.timings.append(schedule.timing())
 
-    def _enter(self, schedule: Any, work: Work, live: list[Work]) -> None:
-        """Queue `work`'s rows in `schedule`; its future is answered when the last one finishes."""
+    def _enter(self, schedule: Any, work: Work, entered: list[Work]) -> bool:
+        """Queue `work`'s rows in `schedule`; its future is answered when the last one finishes.
+        False when the work failed instead (its future holds the error)."""
         from xinst_jax.infer.continuous import SlotRow
 
         results: list[Optional[tuple]] = [None] * len(work.rows)
         left = [len(work.rows)]
-        keys = np.asarray(row_keys(work.settings.seed, np.asarray(work.row_ids, np.int64).astype(np.uint32)))
 
         def report_to(j: int):
             used, truncated = self.engine.fit(work.rows[j])
@@ -185,12 +184,14 @@ class Batcher:
             return report
 
         try:
+            keys = np.asarray(row_keys(work.settings.seed, np.asarray(work.row_ids, np.int64).astype(np.uint32)))
             schedule.add([SlotRow(prompt, keys[j], limit, report_to(j), stream=work.on_tokens is not None)
                           for j, (prompt, limit) in enumerate(zip(work.rows, work.limits))])
-        except ValueError as e:  # this request's own fault (the schedule is untouched)
+        except Exception as e:  # noqa: BLE001 (this request alone fails: add checks before it queues)
             work.future.set_exception(e)
-            return
-        live.append(work)
+            return False
+        entered.append(work)
+        return True
 
     def _run(self, group: list[Work]) -> None:
         self.batches += 1
