@@ -37,6 +37,7 @@ class Gate:
         self.held = threading.Event()
         self.open = threading.Event()
         self.open.set()
+        self.added: list[int] = []  # rows added to the schedule when each of its steps began
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -50,6 +51,7 @@ class Gate:
         step = schedule.step
 
         def held_step() -> bool:
+            self.added.append(schedule.added)
             busy = step()
             if not self.open.is_set():
                 self.held.set()
@@ -107,24 +109,26 @@ def answers(w: Work) -> list[tuple[list[int], str]]:
     return [(list(tokens), finish) for tokens, finish, _, _ in w.future.result(TIMEOUT)]
 
 
-def test_a_short_request_admitted_while_a_long_one_runs_finishes_first(engine, prompts, served):
+def test_short_requests_admitted_while_a_long_one_runs_finish_first(engine, prompts, served):
     gate, batcher = served
     order: list[str] = []
     long = start_long(gate, batcher, prompts[0])
     long.future.add_done_callback(lambda _: order.append("long"))
-    short = work([prompts[1]], GREEDY, [4], row_ids=[5])
-    short.future.add_done_callback(lambda _: order.append("short"))
+    shorts = [work([prompts[1]], GREEDY, [4], row_ids=[5]), work([prompts[2]], GREEDY, [6], row_ids=[6])]
+    for i, short in enumerate(shorts):
+        short.future.add_done_callback(lambda _, i=i: order.append(f"short{i}"))
     empty = work([[]], GREEDY, [3])  # a bad request fails alone; the schedule goes on
-    batcher.submit(empty)
-    batcher.submit(short)
+    for w in (shorts[0], empty, shorts[1]):
+        batcher.submit(w)
     gate.open.set()
     with pytest.raises(ValueError, match="empty"):
         empty.future.result(TIMEOUT)
-    got_short, got_long = answers(short), answers(long)
-    assert order == ["short", "long"]
-    assert got_short == alone(engine, short)
+    got_shorts, got_long = [answers(w) for w in shorts], answers(long)
+    assert order == ["short0", "short1", "long"]
+    assert got_shorts == [alone(engine, w) for w in shorts]
     assert got_long == alone(engine, long) and len(got_long[0][0]) == CAP
-    assert batcher.batches == 1 and batcher.admitted == 1  # one schedule: the short one joined it
+    assert batcher.batches == 1 and batcher.admitted == 2  # one schedule: the short ones joined it
+    assert gate.added[:2] == [1, 3]  # both at the first boundary, while slots were free
     batcher.close(TIMEOUT)  # the worker is past the schedule's end
     assert engine.spare_slots is not None  # its slots wait for the next schedule (the tests below start there)
 

@@ -105,8 +105,8 @@ class ContinuousSchedule:
 
     @property
     def has_room(self) -> bool:
-        """A free slot and no row waiting for one: a row added now starts at the next step."""
-        return bool(self.free) and not self.waiting
+        """More free slots than rows waiting for one: a row added now starts at the next step."""
+        return len(self.free) > len(self.waiting)
 
     # ---- one round
 
