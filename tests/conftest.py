@@ -1,7 +1,9 @@
 """Test-wide setup: 8 fake CPU devices (sharding tests), quiet TensorFlow, repo on sys.path."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -10,6 +12,16 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # down many times over when another test process shares the cores (`make test` runs two).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# One persistent XLA compilation cache for the whole run, shared by both `make test` processes and
+# every subprocess a test starts (they inherit the environment): the same tiny train step, decode
+# loop and export compile once per run instead of once per process. Created by the first process
+# to load this file (the xdist controller, before it starts the workers) and removed at the end.
+# Modules that need their own cache (test_resume_kill, test_multihost) still set theirs.
+_OWN_JIT_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_JIT_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="xinst_jax_test_jit_cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 
@@ -35,3 +47,8 @@ def pytest_collection_modifyitems(config, items):
         return (1 if item.path in slow_files else 2), 0
 
     items.sort(key=rank)
+
+
+def pytest_unconfigure(config):
+    if _OWN_JIT_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
