@@ -5,8 +5,8 @@
     python benchmarks/serve_bench.py --preset tiny --requests 64
 
 The real server (`launch/tpu_run.py --config serve_xinst`, a subprocess on loopback) serves a
-random-init model of the preset's shape (throughput does not depend on the weights; EOS is
-ignored so every answer has `--max-tokens` tokens). The same `--requests` completions (greedy,
+random-init model of the preset's shape (throughput does not depend on the weights; an answer
+ends at EOS or `--max-tokens`, and tokens/s counts what the server's `usage` reports). The same `--requests` completions (greedy,
 prompts of 48-112 characters) are sent by 1, 4 and 16 concurrent clients through the `openai`
 client; each level is warmed up once (compiles) and then timed. Printed per level: requests/s,
 generated tokens/s and mean latency; the ratio of 16 clients to 1 client is what batching buys.
@@ -88,8 +88,7 @@ def run_level(url: str, texts: list[str], clients: int, max_tokens: int) -> dict
 
     def one(text: str) -> tuple[float, int]:
         start = time.perf_counter()
-        r = client.completions.create(model="xinst", prompt=text, max_tokens=max_tokens, temperature=0.0,
-                                      extra_body={"min_tokens": max_tokens})
+        r = client.completions.create(model="xinst", prompt=text, max_tokens=max_tokens, temperature=0.0)
         return time.perf_counter() - start, r.usage.completion_tokens
 
     start = time.perf_counter()

@@ -57,13 +57,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
 #   v4   32 GiB  1200 GB/s      v5e  16 GB  819 GB/s
 #   v5p  95 GB   2765 GB/s      v6e  32 GB  1638 GB/s
-HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
-HBM_BANDWIDTH = {"v4": 1200e9, "v5e": 819e9, "v5litepod": 819e9, "v5p": 2765e9, "v6e": 1638e9}
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+HBM_BANDWIDTH = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1638e9}
 GIB = 1 << 30
 # What libtpu's compiler lets one program use per chip, as its out-of-memory error states it
 # ("exceeds available HBM (15.75G)", binary units): the capacity less what the runtime reserves.
-USABLE_HBM_BYTES = {"v4": int(30.75 * GIB), "v5e": int(15.75 * GIB), "v5litepod": int(15.75 * GIB),
-                    "v5p": int(95.74 * GIB), "v6e": int(31.25 * GIB)}
+USABLE_HBM_BYTES = {"v4": int(30.75 * GIB), "v5e": int(15.75 * GIB), "v5p": int(95.74 * GIB), "v6e": int(31.25 * GIB)}
 # v5e and v6e accelerator types count chips; these are their single-slice shapes.
 CHIP_GRIDS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 # v4 and v5p accelerator types count TensorCores, two per chip, driven as one "megacore" device.

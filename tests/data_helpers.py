@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import string
 from pathlib import Path
 
 LANGS = ["bn", "fi", "hi", "id", "sw", "ta", "th", "tr", "ur", "vi"]
@@ -98,9 +99,7 @@ def readme_pod_commands() -> tuple[dict[str, str], list[list[str]]]:
                if re.match(r"\s*export \w+=[^$(]+$", line))
 
     def filled(command: str) -> list[str]:
-        for name, value in env.items():
-            command = command.replace(f"${name}", value)
-        return shlex.split(command)[2:]
+        return shlex.split(string.Template(command).safe_substitute(env))[2:]
 
     commands = [filled(line.strip()) for line in lines if line.strip().startswith("python launch/tpu_vm.py")]
     return env, commands

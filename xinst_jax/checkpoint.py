@@ -150,24 +150,33 @@ class PendingDigests:
         return {"algorithm": DIGEST_ALGORITHM, "arrays": arrays}
 
 
+def _dispatch(names: list[str], leaves: list[Any]) -> PendingDigests:
+    values = _digest_fn(_replicated(leaves))(leaves) if leaves else np.zeros((0, 2), np.uint32)
+    return PendingDigests(names, [str(_dtype(x)) for x in leaves], [list(np.shape(x)) for x in leaves], values)
+
+
+def _named_leaves(state: Any) -> tuple[list[str], list[Any]]:
+    named = jax.tree_util.tree_flatten_with_path(state)[0]
+    return [_path_name(path) for path, _ in named], [x for _, x in named]
+
+
 def dispatch_digests(state: Any) -> PendingDigests:
     """Start the digests of every array of `state` (a collective when the arrays span processes:
     every process calls this at the same point). Later donation of `state`'s buffers waits for them."""
-    named = jax.tree_util.tree_flatten_with_path(state)[0]
-    leaves = [x for _, x in named]
-    values = _digest_fn(_replicated(leaves))(leaves) if leaves else np.zeros((0, 2), np.uint32)
-    return PendingDigests([_path_name(path) for path, _ in named], [str(_dtype(x)) for x in leaves],
-                          [list(np.shape(x)) for x in leaves], values)
+    return _dispatch(*_named_leaves(state))
 
 
 def state_digests(state: Any) -> dict[str, dict[str, Any]]:
     """{array path: {digest, dtype, shape}}; every process gets the same, whatever the mesh.
-    Arrays on the devices are digested in one pass; host (numpy) arrays one at a time, so that a
-    whole model read into host memory (export) never has to fit on one device at once."""
-    named = jax.tree_util.tree_flatten_with_path(state)[0]
-    if all(isinstance(x, jax.Array) for _, x in named):
-        return dispatch_digests(state).resolve()["arrays"]
-    return {_path_name(path): dispatch_digests(x).resolve()["arrays"][""] for path, x in named}
+    Arrays on the devices are digested in one pass; host (numpy) arrays one at a time, so that of a
+    model read into host memory (export) only one array is on the device at once."""
+    names, leaves = _named_leaves(state)
+    if all(isinstance(x, jax.Array) for x in leaves):
+        return _dispatch(names, leaves).resolve()["arrays"]
+    digests: dict[str, dict[str, Any]] = {}
+    for name, x in zip(names, leaves):
+        digests.update(_dispatch([name], [x]).resolve()["arrays"])
+    return digests
 
 
 def _dtype(x: Any) -> Any:
@@ -334,8 +343,7 @@ class Checkpointer:
     def _restore_verified(self, step: int, abstract_state: Any) -> tuple[dict | None, str | None]:
         """(the restored items, None), or (None, why the step is unusable): the same answer on
         every process."""
-        checksums_file = self.directory / str(step) / "checksums" / CHECKSUMS_FILE
-        has_checksums = checksums_file.exists()
+        has_checksums = _checksums_file(self.directory / str(step)).exists()
         items = dict(state=ocp.args.StandardRestore(abstract_state), data=ProcessLocalJsonRestore(),
                      config=ocp.args.JsonRestore())
         if has_checksums:
@@ -440,15 +448,24 @@ def resolve_step_dir(path: str | Path) -> epath.Path:
         return path
     if not path.exists():
         raise ConfigError(f"export.checkpoint: {path} does not exist")
-    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").exists()))
+    steps = _restorable_steps(path)
     if not steps:
         raise ConfigError(f"export.checkpoint: {path} holds no checkpoint step")
     return path / str(steps[-1])
 
 
+def _restorable_steps(root: epath.Path) -> list[int]:
+    """The step numbers under a checkpoints root that hold a `state/`, ascending."""
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").exists())
+
+
+def _checksums_file(step_dir: epath.Path) -> epath.Path:
+    return step_dir / "checksums" / CHECKSUMS_FILE
+
+
 def read_checksums(step_dir: epath.Path) -> Optional[dict]:
     """A step's `checksums` item as saved, or None for a step saved before checksums existed."""
-    path = step_dir / "checksums" / CHECKSUMS_FILE
+    path = _checksums_file(step_dir)
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -486,8 +503,8 @@ def load_params_for_export(path: str | Path, model_cfg: ModelConfig) -> Any:
 
 
 def _earlier_steps(step_dir: epath.Path) -> str:
-    steps = sorted((int(p.name) for p in step_dir.parent.iterdir()
-                    if p.name.isdigit() and int(p.name) < int(step_dir.name) and (p / "state").exists()),
-                   reverse=True) if step_dir.name.isdigit() else []
+    if not step_dir.name.isdigit():
+        return ""
+    steps = [s for s in reversed(_restorable_steps(step_dir.parent)) if s < int(step_dir.name)]
     listed = ", ".join(str(step_dir.parent / str(s)) for s in steps[:3])
     return f"; earlier steps that may restore: {listed}" if steps else ""

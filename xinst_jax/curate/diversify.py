@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -419,7 +420,7 @@ def run_diversify(cfg: Config) -> dict:
     if process == 0:
         for lang, data in outputs.items():
             write_atomic(out / f"{lang}.jsonl", data)
-            languages[lang]["sha256"] = file_sha256(out / f"{lang}.jsonl")
+            languages[lang]["sha256"] = hashlib.sha256(data).hexdigest()  # the bytes just written
         head = [f"# Diversify: {path}", "",
                 f"Embedder {div.embedder}; k-means ({div.metric}, best of {div.restarts} runs of k-means++ then at most "
                 f"{div.iterations} Lloyd iterations); round-robin draw across clusters, best score first, up to "

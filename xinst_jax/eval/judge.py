@@ -358,6 +358,7 @@ class ReplyCache:
         self._unsaved = 0  # replies not yet on the bucket
         self._entries: dict[str, dict] = {}
         self._lock = threading.Lock()
+        self._upload_lock = threading.Lock()  # one upload at a time, each of a snapshot newer than the last
         self.skipped_lines = 0
         if self.path.exists():
             with paths.open(self.path, "rb") as f:
@@ -381,13 +382,16 @@ class ReplyCache:
     def put(self, key: str, entry: dict) -> None:
         entry = {"key": key, **entry}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        if self._remote:
+            with self._lock:
+                self._entries[key] = entry
+                self._unsaved += 1
+                due = self._unsaved >= self.REMOTE_SAVE_EVERY
+            if due:
+                self.save()
+            return
         with self._lock:
             self._entries[key] = entry
-            if self._remote:
-                self._unsaved += 1
-                if self._unsaved >= self.REMOTE_SAVE_EVERY:
-                    self._rewrite()
-                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as f:
                 if f.tell() and not self._ends_with_newline():
@@ -397,15 +401,21 @@ class ReplyCache:
                 os.fsync(f.fileno())
 
     def save(self) -> None:
-        """Put the replies a bucket copy still lacks there (a local file is always complete)."""
-        with self._lock:
-            if self._unsaved:
-                self._rewrite()
-
-    def _rewrite(self) -> None:
-        paths.write_atomic(self.path, "".join(json.dumps(e, ensure_ascii=False) + "\n"
-                                              for e in self._entries.values()).encode("utf-8"))
-        self._unsaved = 0
+        """Put the replies a bucket copy still lacks there (a local file is always complete). The
+        upload runs outside the entries' lock, so other judge threads keep reading and adding."""
+        with self._upload_lock:
+            with self._lock:
+                if not self._unsaved:
+                    return
+                entries = list(self._entries.values())
+                self._unsaved = 0
+            try:
+                paths.write_atomic(self.path, "".join(json.dumps(e, ensure_ascii=False) + "\n"
+                                                      for e in entries).encode("utf-8"))
+            except BaseException:
+                with self._lock:
+                    self._unsaved += 1  # the bucket copy still lacks these replies: the next save retries
+                raise
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

@@ -67,7 +67,7 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.stopping = threading.Event()
         self.unseeded = itertools.count(1 << 20)  # row ids for requests without a seed: all different
-        self.continuous = getattr(engine, "schedule", "static") == "continuous"
+        self.continuous = engine.schedule == "continuous"
         self.batches = 0  # engine runs started (a schedule, or a static / scoring call)
         self.admitted = 0  # requests that joined a schedule already running
         self.rows_per_batch: list[int] = []
@@ -203,8 +203,7 @@ class Batcher:
                 ids = [i for w in group for i in w.row_ids]
                 streamed = any(w.on_tokens is not None for w in group)
                 out = self.engine.generate(prompts, group[0].settings, row_ids=ids, max_new_tokens=limits,
-                                           progress=_route_progress(group) if streamed else None,
-                                           chunk_steps=self.stream_chunk_steps if streamed else None)
+                                           progress=_route_progress(group) if streamed else None)
                 start = 0
                 for w in group:
                     n = len(w.rows)

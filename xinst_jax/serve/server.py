@@ -95,9 +95,13 @@ class Service:
                                    no_repeat_ngram=0, seed=(seed or 0) % (1 << 31),
                                    max_new_tokens=self.cfg.serve.max_tokens_limit)
 
+    def text_tokens(self, text: str) -> list[int]:
+        """What a text prompt feeds the model: the raw Task, as `generate` and `prepare` prompt it."""
+        return Task("raw", self.tokenizer).prompt_tokens({"prompt": text}) if text else []
+
     def prompt_tokens(self, prompt: Any, param: str) -> list[int]:
-        if isinstance(prompt, str):  # the raw Task: a text is prompted as `generate` and `prepare` prompt it
-            ids = Task("raw", self.tokenizer).prompt_tokens({"prompt": prompt}) if prompt else []
+        if isinstance(prompt, str):
+            ids = self.text_tokens(prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in prompt):
             ids = list(prompt)
@@ -457,11 +461,14 @@ def special_tokens(tokenizer) -> dict[str, tuple[str, int]]:
 def tokenize_text(service: Service, text: str, add_special_tokens: bool) -> list[int]:
     """/tokenize: a text that is exactly a special token's name is that token, as vLLM's (and
     transformers') tokenizers have it -- lm-eval finds the EOS id by tokenizing its name. Any other
-    text keeps such strings literal, as every prompt here does."""
+    text keeps such strings literal, as every prompt here does. With special tokens, the tokens a
+    completion with this text as its prompt feeds the model."""
     by_name = {name: tok_id for name, tok_id in special_tokens(service.tokenizer).values()}
     if text in by_name:
         return [by_name[text]]
-    return service.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
+    if add_special_tokens:
+        return service.text_tokens(text)
+    return service.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
 def add_tokenizer_routes(app, service: Service, json_body) -> None:

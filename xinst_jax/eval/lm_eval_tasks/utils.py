@@ -8,9 +8,6 @@ The directory comes from the task metadata: `metadata={"xcopa_dir": ...}` in
 line. It holds lm-eval's layout `<lang>/<split>.<lang>.jsonl` (`xcopa_split`, default "val").
 """
 
-import json
-from pathlib import Path
-
 # lm-eval's own prompt (premise without its final character + connector) and choices (first letter
 # lower-cased): imported, not restated, so the comparison tests lm-eval's format.
 from lm_eval.tasks.xcopa.utils import (
@@ -23,6 +20,8 @@ from lm_eval.tasks.xcopa.utils import (
     doc_to_text_vi,
 )
 
+from xinst_jax.eval.benchmarks import read_xcopa, xcopa_file
+
 __all__ = ["doc_to_choice", "doc_to_text_id", "doc_to_text_sw", "doc_to_text_ta", "doc_to_text_th", "doc_to_text_tr",
            "doc_to_text_vi", "local_xcopa"]
 
@@ -33,7 +32,6 @@ def local_xcopa(lang: str, xcopa_dir: str = "", xcopa_split: str = "val", **_met
 
     if not xcopa_dir:
         raise ValueError("xinst_xcopa: set the task metadata xcopa_dir (lm-eval's --metadata) to the XCOPA directory")
-    path = Path(xcopa_dir) / lang / f"{xcopa_split}.{lang}.jsonl"
-    with open(path, encoding="utf-8") as f:
-        docs = [json.loads(line) for line in f if line.strip()]
+    # eval_xinst's own reader: the same file layout, checks and errors (file:line, field), gs:// too
+    docs = read_xcopa(xcopa_file(xcopa_dir, lang, xcopa_split), lang, key="xinst_xcopa metadata xcopa_dir")
     return {"validation": datasets.Dataset.from_list(docs)}
