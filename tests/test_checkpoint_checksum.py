@@ -56,12 +56,16 @@ def flip_byte(path: Path, offset: int, bit: int = 0x01) -> None:
     path.write_bytes(bytes(data))
 
 
-def largest_array_data_file(step_dir: Path) -> Path:
-    """The biggest file orbax wrote array chunks into (OCDBT `d/` files, or zarr chunk files)."""
+def array_data_files(step_dir: Path) -> list[Path]:
+    """The files orbax wrote array chunks into (OCDBT `d/` files, or zarr chunk files), largest first."""
     skip = {"_METADATA", "_sharding", "manifest.ocdbt", "commit_success.txt"}
     files = [p for p in (step_dir / "state").rglob("*")
              if p.is_file() and p.name not in skip and "array_metadatas" not in p.parts]
-    return max(files, key=lambda p: p.stat().st_size)
+    return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def largest_array_data_file(step_dir: Path) -> Path:
+    return array_data_files(step_dir)[0]
 
 
 def named_leaves(tree) -> dict[str, np.ndarray]:
@@ -202,23 +206,26 @@ def test_no_step_left_starts_fresh(base, tmp_path, caplog):
 def flip_a_params_byte(step_dir: Path, want: dict[str, np.ndarray]) -> str:
     """Flip one byte of the array data so that a params array (not the optimizer state, which
     readers do not read) restores silently wrong; returns that array's name. The data file is
-    compressed, so where an array lies is found by trying: flip, restore unverified, compare."""
-    victim = largest_array_data_file(step_dir)
+    compressed, and which data file holds the params depends on the order of orbax's async writes,
+    so where a params array lies is found by trying, largest file first: flip, restore unverified,
+    compare."""
     plain = ocp.PyTreeCheckpointer()
     tree = plain.metadata(step_dir / "state").item_metadata.tree
     args = ocp.args.PyTreeRestore(restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
-    size = victim.stat().st_size
-    for offset in range(size // 16, size, size // 16):
-        flip_byte(victim, offset)
-        try:
-            silent = named_leaves(plain.restore(step_dir / "state", args=args))
-        except Exception:  # noqa: BLE001 - this flip breaks the decoding: try another byte
-            silent = {}
-        wrong = [name for name, x in silent.items() if name in want and not np.array_equal(x, want[name])]
-        if wrong:
-            return wrong[0]
-        flip_byte(victim, offset)  # back as it was
-    raise AssertionError(f"no single flipped byte of {victim} reached a params array")
+    files = array_data_files(step_dir)
+    for victim in files:
+        size = victim.stat().st_size
+        for offset in range(size // 16, size, max(1, size // 16)):
+            flip_byte(victim, offset)
+            try:
+                silent = named_leaves(plain.restore(step_dir / "state", args=args))
+            except Exception:  # noqa: BLE001 - this flip breaks the decoding: try another byte
+                silent = {}
+            wrong = [name for name, x in silent.items() if name in want and not np.array_equal(x, want[name])]
+            if wrong:
+                return wrong[0]
+            flip_byte(victim, offset)  # back as it was
+    raise AssertionError(f"no single flipped byte of {len(files)} data files reached a params array")
 
 
 def test_readers_refuse_a_corrupt_step_naming_it_and_the_array(base, tmp_path, capsys):
