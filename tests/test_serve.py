@@ -257,3 +257,37 @@ def test_our_server_as_the_judges_endpoint(server, tmp_path):
     again_client, again = run()
     assert [v.outcome for v in again] == [v.outcome for v in verdicts]
     assert again_client.stats.to_dict()["requests"] == 0
+
+
+@pytest.mark.parametrize("language", ["sw", None])
+def test_chat_prompt_is_the_trainers_prompt_in_either_style(language):
+    """The chat route prompts as the model was trained: for `data.sft_assistant_style` off and on,
+    its tokens are the prompt part of the trainer Task's example for the same instruction and
+    language (tokens, not text: BOS and tokenization included), and the two styles differ."""
+    from xinst_jax.config import load_config
+    from xinst_jax.data.templates import prompt_without_language
+    from xinst_jax.data.tokenizer import ByteTokenizer
+    from xinst_jax.serve.server import Service, chat_prompt_tokens
+    from xinst_jax.tasks import Task
+
+    tok = ByteTokenizer()
+    instruction = "Describe Dar es Salaam."
+    body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "earlier"},
+                         {"role": "assistant", "content": "ok"}, {"role": "user", "content": instruction}]}
+    if language:
+        body["language"] = language
+    got = {}
+    for style in (False, True):
+        cfg = load_config("serve_xinst", [f"data.sft_assistant_style={str(style).lower()}", "generate.tokenizer=bytes"])
+        service = Service(cfg, engine=None, tokenizer=tok, model=None, batcher=None, base_settings=None)
+        got[style] = chat_prompt_tokens(service, body)
+        trainer = Task.from_data_config(cfg.data, tok)
+        if language:
+            want = trainer.encode({"instruction": instruction, "output": "Jiji kubwa.", "lang": language}).prompt
+        else:  # no language: the trainer's template without it, tokenized as the Task tokenizes prompts
+            want = list(tok.prefix_ids) + tok.encode(prompt_without_language(trainer.name, instruction),
+                                                     add_special_tokens=False)
+        assert got[style] == want, style
+    assert got[False] != got[True]
+    assert "AI assistant" in tok.decode(got[True]) and "AI assistant" not in tok.decode(got[False])
+    assert ("Answer in Swahili" in tok.decode(got[False])) == (language == "sw")

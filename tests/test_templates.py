@@ -110,3 +110,14 @@ def test_specs_say_what_each_template_reads_and_trains():
         any_of = tuple(f for f in s.prompt_any_of if f in record)
         prompt_only = {f: record[f] for f in ("lang",) + s.prompt_fields + any_of}
         assert T.render_prompt(name, prompt_only) == T.render(name, dict(record, label="best")).prompt
+
+
+def test_prompts_without_language_drop_only_the_language():
+    plain = T.prompt_without_language("sft", "Name a fruit.")
+    assert plain == OFFICIAL["xres_prompt_no_input"].replace(" Answer in {output_lang}. ", "").format_map(
+        {"instruction": "Name a fruit."})
+    assert plain.endswith("### Instruction:\nName a fruit.\n\n### Response:")
+    styled = T.prompt_without_language("sft_assistant", "Name a fruit.")
+    assert styled.endswith("### Instruction:\nName a fruit. Answer in the style of an AI assistant. \n\n### Response:")
+    with pytest.raises(DataError, match="revgen"):
+        T.prompt_without_language("revgen", "x")

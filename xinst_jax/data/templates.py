@@ -157,9 +157,21 @@ def render_prompt(template: str, record: dict, join: str = DEFAULT_JOIN) -> str:
     raise AssertionError(template)
 
 
-def sft_prompt_without_language(instruction: str) -> str:
-    """The `sft` prompt without " Answer in {Language}.": chat requests that name no language."""
-    return SFT_PROMPT.replace(" Answer in {output_lang}. ", "").format_map({"instruction": instruction})
+# What `sft` / `sft_assistant` drop from their prompt when no language is named: the released
+# strings with the language taken out (the assistant style keeps its style sentence).
+NO_LANGUAGE_PROMPTS = {
+    "sft": SFT_PROMPT.replace(" Answer in {output_lang}. ", ""),
+    "sft_assistant": SFT_ASSISTANT_PROMPT.replace("{output_lang} and ", ""),
+}
+
+
+def prompt_without_language(template: str, instruction: str) -> str:
+    """The `sft` / `sft_assistant` prompt of an instruction that names no answer language (chat
+    requests without one): `sft` loses " Answer in {Language}.", `sft_assistant` keeps
+    " Answer in the style of an AI assistant."."""
+    if template not in NO_LANGUAGE_PROMPTS:
+        raise DataError(f"only sft and sft_assistant prompts can leave the language out, not {template!r}")
+    return NO_LANGUAGE_PROMPTS[template].format_map({"instruction": instruction})
 
 
 def render(template: str, record: dict, join: str = DEFAULT_JOIN) -> Rendered:

@@ -11,10 +11,11 @@ Endpoints (FastAPI on uvicorn):
                                those; max_tokens, temperature, top_p, top_k, stop, seed, n,
                                stream; echo with logprobs (log-likelihood clients: the prompt's
                                tokens come back with their log-probabilities and top tokens)
-  POST /v1/chat/completions    messages rendered with the model's template: the X-Instruction
-                               `sft` prompt of the last user message with "Answer in {Language}."
-                               when the request names a `language` (an extra body field, ISO 639-1),
-                               the same prompt without that sentence otherwise; stream
+  POST /v1/chat/completions    the last user message prompted as the model was trained: the
+                               X-Instruction `sft` Task (`sft_assistant` with data.sft_assistant_style)
+                               with "Answer in {Language}." when the request names a `language` (an
+                               extra body field, ISO 639-1), the same prompt without the language
+                               otherwise; stream
   GET  /tokenizer_info         the tokenizer's special token names (vLLM's endpoints, which
   POST /tokenize, /detokenize  lm-evaluation-harness's `tokenizer_backend=remote` uses: a client
                                then counts tokens exactly as this server does)
@@ -95,6 +96,14 @@ class Service:
                                    no_repeat_ngram=0, seed=(seed or 0) % (1 << 31),
                                    max_new_tokens=self.cfg.serve.max_tokens_limit)
 
+    def chat_task(self) -> Task:
+        """The Task chat requests are prompted with: `sft` in the style the model was trained with
+        (data.sft_assistant_style, or generate.template naming sft_assistant, as eval reads it)."""
+        from xinst_jax.data.templates import template_name
+
+        style = self.cfg.data.sft_assistant_style or self.cfg.generate.template == "sft_assistant"
+        return Task(template_name("sft", style), self.tokenizer)
+
     def text_tokens(self, text: str) -> list[int]:
         """What a text prompt feeds the model: the raw Task, as `generate` and `prepare` prompt it."""
         return Task("raw", self.tokenizer).prompt_tokens({"prompt": text}) if text else []
@@ -156,9 +165,8 @@ def _n(body: dict) -> int:
     return n
 
 
-def chat_prompt(service: Service, body: dict) -> str:
-    from xinst_jax.data.templates import LANGUAGE_NAMES, render_prompt, sft_prompt_without_language
-
+def last_user_message(body: dict) -> str:
+    """The content of a chat request's last user message (the instruction the model answers)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", "messages")
@@ -170,12 +178,23 @@ def chat_prompt(service: Service, body: dict) -> str:
     users = [m["content"] for m in messages if m["role"] == "user"]
     if not users:
         raise RequestError("messages hold no user message", "messages")
+    return users[-1]
+
+
+def chat_prompt_tokens(service: Service, body: dict) -> list[int]:
+    """A chat request's prompt: token for token the prompt the chat Task's training examples
+    start with (`Service.chat_task`), or, when the request names no `language`, that template
+    without the language (templates.prompt_without_language), tokenized the same way."""
+    from xinst_jax.data.templates import LANGUAGE_NAMES, prompt_without_language
+
+    instruction = last_user_message(body)
+    task = service.chat_task()
     lang = body.get("language")
     if lang is None:
-        return sft_prompt_without_language(users[-1])
+        return service.text_tokens(prompt_without_language(task.name, instruction))
     if lang not in LANGUAGE_NAMES:
         raise RequestError(f"unknown language {lang!r} (known: {', '.join(sorted(LANGUAGE_NAMES))})", "language")
-    return render_prompt("sft", {"instruction": users[-1], "lang": lang})
+    return task.prompt_tokens({"instruction": instruction, "lang": lang})
 
 
 def cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -331,7 +350,7 @@ def build_app(service: Service):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await json_body(request)
-        prompt = service.prompt_tokens(chat_prompt(service, body), "messages")
+        prompt = chat_prompt_tokens(service, body)
         n = _n(body)
         max_tokens = _max_tokens(service, body, service.cfg.serve.default_max_tokens)
         if max_tokens == 0:
