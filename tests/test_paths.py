@@ -36,8 +36,8 @@ README_BUCKET = readme_pod_commands()[0]["BUCKET"]
 
 @pytest.fixture
 def gcs():
-    with memory_gcs() as fs:
-        yield fs
+    with memory_gcs() as bucket:
+        yield bucket
 
 
 @pytest.fixture(params=["local", "gs"])
@@ -263,14 +263,16 @@ def upload(local: str, url: str) -> str:
     return url
 
 
-def assert_same_files(local: str, url: str, skip: tuple[str, ...] = ()) -> list[str]:
-    """The same relative file names under both, byte-equal (but `skip`); returns the names."""
+def assert_same_files(local: str, url: str, skip: tuple[str, ...] = (), renamed: dict[str, str] | None = None
+                      ) -> list[str]:
+    """The same relative file names under both (a local name in `renamed` is that name on the
+    bucket), byte-equal (but `skip`); returns the local names."""
     def remote(url: str) -> list[str]:
         return [f"{n}/{m}" if paths.isdir(f"{url}/{n}") else n
                 for n in paths.listdir(url) for m in (remote(f"{url}/{n}") if paths.isdir(f"{url}/{n}") else [""])]
 
     names = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, files in os.walk(local) for f in files)
-    assert sorted(remote(url)) == names
+    assert sorted(remote(url)) == sorted((renamed or {}).get(n, n) for n in names)
     for name in names:
         if name not in skip:
             assert paths.read_bytes(f"{url}/{name}") == open(os.path.join(local, name), "rb").read(), name
@@ -378,20 +380,43 @@ def test_refine_generator_retraining_writes_gs(tmp_path, gcs, cache, hf_models, 
     assert len(tuned) == 2  # the tuned generator found on the bucket: not trained again
 
 
-def test_reply_cache_on_gs_is_written_whole(gcs, monkeypatch):
-    """A bucket cannot append: the judge's cache there is rewritten every REMOTE_SAVE_EVERY
-    replies and by save(), and reads back whole."""
+def test_reply_cache_on_gs_uploads_each_reply_once(gcs, monkeypatch):
+    """A bucket cannot append: every REMOTE_SAVE_EVERY replies (and at save()) the judge's cache
+    there uploads only the new replies, as the next part object, so the bytes uploaded grow
+    linearly; a reload after a kill finds every reply of the parts written, later lines winning;
+    a single-object cache from before parts existed still loads."""
     from xinst_jax.eval.judge import ReplyCache
 
+    url = f"{BUCKET}/eval/judge_cache.jsonl"
+    legacy = [{"key": "k0", "content": "old reply 0"}, {"key": "old", "content": "old reply"}]
+    paths.write_atomic(url, "".join(json.dumps(e) + "\n" for e in legacy).encode())
     monkeypatch.setattr(ReplyCache, "REMOTE_SAVE_EVERY", 3)
-    cache = ReplyCache(f"{BUCKET}/eval/judge_cache.jsonl")
-    for i in range(4):
+    cache = ReplyCache(url)
+    assert (len(cache), cache.loaded) == (2, 2)
+    gcs.writes.clear()
+    lines = []
+    for i in range(8):
         cache.put(f"k{i}", {"content": f"reply {i}"})
-        assert paths.exists(f"{BUCKET}/eval/judge_cache.jsonl") == (i >= 2)
-    assert len(ReplyCache(f"{BUCKET}/eval/judge_cache.jsonl")) == 3
-    cache.save()
-    again = ReplyCache(f"{BUCKET}/eval/judge_cache.jsonl")
-    assert (len(again), again.get("k3")) == (4, {"key": "k3", "content": "reply 3"})
+        lines.append(len(json.dumps({"key": f"k{i}", "content": f"reply {i}"}, ensure_ascii=False)) + 1)
+    # two full parts of 3 replies each, each holding only its own replies (not everything so far)
+    assert gcs.writes == [(f"{url}.parts/part-000000.jsonl", sum(lines[0:3])),
+                          (f"{url}.parts/part-000001.jsonl", sum(lines[3:6]))]
+    killed = ReplyCache(url)  # a kill now: the 2 replies not yet in a part are lost, nothing else
+    assert len(killed) == 7 and killed.get("k5") is not None and killed.get("k6") is None
+    assert killed.get("k0") == {"key": "k0", "content": "reply 0"}  # the part's line wins over the old object's
+    real_write = paths.write_atomic
+    monkeypatch.setattr(paths, "write_atomic", lambda p, d: (_ for _ in ()).throw(OSError("503")))
+    with pytest.raises(OSError, match="503"):
+        cache.save()
+    monkeypatch.setattr(paths, "write_atomic", real_write)
+    cache.save()  # the failed upload's replies go up with the next one
+    cache.save()  # nothing new: no empty part
+    assert gcs.writes[2:] == [(f"{url}.parts/part-000002.jsonl", sum(lines[6:8]))]
+    again = ReplyCache(url)
+    assert (len(again), again.get("k7")) == (9, {"key": "k7", "content": "reply 7"})
+    again.put("k8", {"content": "reply 8"})
+    again.save()  # a rerun numbers its parts after the ones it found
+    assert gcs.writes[-1][0] == f"{url}.parts/part-000003.jsonl" and len(ReplyCache(url)) == 10
 
 
 def test_eval_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
@@ -400,6 +425,7 @@ def test_eval_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
     from test_eval_job import FALLBACK_PROMPTS, FALLBACK_TEXT, FALLBACK_XCOPA
     from test_judge import FakeOpenAI
     from xinst_jax.eval.job import run_eval
+    from xinst_jax.eval.judge import ReplyCache
 
     lang = "th"
     files = {
@@ -433,16 +459,16 @@ def test_eval_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
     assert results["xcopa"]["files"] == {lang: f"{BUCKET}/in/xcopa/{lang}/val.{lang}.jsonl"}
     # the judge's replies arrive in any order (concurrent requests); the run's own numbers differ in timings
     names = assert_same_files(str(tmp_path / "eval"), f"{BUCKET}/eval",
-                              skip=("answers/manifest.json", "judge_cache.jsonl", "results.json", "report.md"))
+                              skip=("answers/manifest.json", "judge_cache.jsonl", "results.json", "report.md"),
+                              renamed={"judge_cache.jsonl": "judge_cache.jsonl.parts/part-000000.jsonl"})
     manifest = json.loads(paths.read_text(f"{BUCKET}/eval/answers/manifest.json"))
     assert (manifest["prompts"], manifest["model_source"]) == (f"{BUCKET}/in/prompts.jsonl", f"hf {BUCKET}/hf")
     assert {f"answers/{lang}.jsonl", "fidelity.jsonl", "judge.jsonl", "xcopa.jsonl", "perplexity.jsonl",
             "loss.png", "xcopa.png", "win_tie_loss.png"} <= set(names)
-    def replies(text: str) -> list[tuple[str, str]]:  # (key, content) without the reply times
-        return sorted((e["key"], e["content"]) for e in map(json.loads, text.splitlines()))
+    def replies(cache: str) -> list[tuple[str, str]]:  # (key, content) without the reply times
+        return sorted((e["key"], e["content"]) for e in ReplyCache(cache).entries())
 
-    assert replies(paths.read_text(f"{BUCKET}/eval/judge_cache.jsonl")) == \
-        replies((tmp_path / "eval" / "judge_cache.jsonl").read_text())
+    assert replies(f"{BUCKET}/eval/judge_cache.jsonl") == replies(str(tmp_path / "eval" / "judge_cache.jsonl"))
     assert "## " in paths.read_text(f"{BUCKET}/eval/report.md")
 
 

@@ -33,9 +33,10 @@ and timeouts are retried `retries` times with exponential backoff (`backoff_s` *
 at most MAX_BACKOFF_S, longer when the server sends Retry-After); other 4xx answers (a wrong
 key, model or URL) stop the run at once with one line naming the endpoint and the status.
 
-Cache: every reply is appended to a JSONL file (`eval.judge.cache`, local or gs://: ReplyCache),
-keyed by the sha256 of (base_url, model, messages, max_tokens, temperature, top_p). A rerun finds every reply it has
-already paid for there and sends no request for it; a line cut short by a kill is skipped.
+Cache: every reply is kept as a JSONL line (`eval.judge.cache`: a local file appended to, or on
+gs:// numbered part objects beside that path; ReplyCache), keyed by the sha256 of (base_url,
+model, messages, max_tokens, temperature, top_p). A rerun finds every reply it has already paid
+for there and sends no request for it; a line cut short by a kill is skipped.
 Token counts: the `usage` of every reply, split into billed this run and served from the cache.
 """
 
@@ -342,35 +343,58 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
 
 
 class ReplyCache:
-    """Replies by request key, in an append-only JSONL file (one {"key", "content", "usage",
-    ...} per line). Loaded whole on open; a line cut short (a kill mid-write) is skipped.
+    """Replies by request key, as JSONL lines ({"key", "content", "usage", ...}; a later line for a
+    key wins). Loaded whole on open; a line cut short (a kill mid-write) is skipped.
 
-    The file may be on a bucket (gs://, through xinst_jax/paths.py), where objects cannot be
-    appended to: there the whole file is rewritten after every REMOTE_SAVE_EVERY new replies and
-    by save(), which the judging code calls when it ends (a kill loses at most that many replies,
-    asked again on the rerun). A local file gets each reply appended and fsynced as it comes."""
+    A local path is one append-only file: each reply is appended and fsynced as it comes.
+
+    On a bucket (gs://, through xinst_jax/paths.py) objects cannot be appended to, and rewriting
+    the whole file on every flush would upload a quadratic number of bytes. So every
+    REMOTE_SAVE_EVERY new replies, and at save() (which the judging code calls when it ends), only
+    the new replies go up, as the next numbered part `<path>.parts/part-000000.jsonl`, ...; a kill
+    loses at most the replies not yet in a part (asked again on the rerun). Loading reads `<path>`
+    itself first (a single-object cache from before parts existed), then the parts in number order.
+    One run writes a cache at a time (two at once could both write the same next part)."""
 
     REMOTE_SAVE_EVERY = 32
+    PARTS = ".parts"  # suffix of the parts' directory beside the cache path
+    _PART_RE = re.compile(r"part-(\d+)\.jsonl$")
 
     def __init__(self, path: Any):
         self.path = paths.as_path(str(path))
         self._remote = paths.is_remote(str(path))
-        self._unsaved = 0  # replies not yet on the bucket
+        self._pending: list[dict] = []  # replies not yet in a part on the bucket
         self._entries: dict[str, dict] = {}
         self._lock = threading.Lock()
-        self._upload_lock = threading.Lock()  # one upload at a time, each of a snapshot newer than the last
+        self._upload_lock = threading.Lock()  # one part upload at a time, parts numbered in order
         self.skipped_lines = 0
-        if self.path.exists():
-            with paths.open(self.path, "rb") as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line.decode("utf-8"))
-                        self._entries[entry["key"]] = entry
-                    except (ValueError, KeyError, TypeError):
-                        self.skipped_lines += 1
-            if self.skipped_lines:
-                log.warning("%s: skipped %d unreadable line(s)", self.path, self.skipped_lines)
+        parts = self._part_files()
+        self._next_part = parts[-1][0] + 1 if parts else 0
+        for source in [str(self.path)] + [f for _, f in parts]:
+            if paths.exists(source):
+                self._load(source)
+        if self.skipped_lines:
+            log.warning("%s: skipped %d unreadable line(s)", self.path, self.skipped_lines)
         self.loaded = len(self._entries)
+
+    def _part_files(self) -> list[tuple[int, str]]:
+        """(number, path) of the bucket parts, by number; none for a local cache."""
+        if not self._remote:
+            return []
+        found = ((self._PART_RE.search(f), f) for f in paths.glob(paths.join(f"{self.path}{self.PARTS}", "part-*")))
+        return sorted((int(m.group(1)), f) for m, f in found if m)
+
+    def _part_path(self, number: int) -> str:
+        return paths.join(f"{self.path}{self.PARTS}", f"part-{number:06d}.jsonl")
+
+    def _load(self, source: str) -> None:
+        with paths.open(source, "rb") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line.decode("utf-8"))
+                    self._entries[entry["key"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    self.skipped_lines += 1
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -379,16 +403,20 @@ class ReplyCache:
         with self._lock:
             return self._entries.get(key)
 
+    def entries(self) -> list[dict]:
+        """Every cached reply, one per key (a snapshot)."""
+        with self._lock:
+            return list(self._entries.values())
+
     def put(self, key: str, entry: dict) -> None:
         entry = {"key": key, **entry}
-        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         if self._remote:
             with self._lock:
                 self._entries[key] = entry
-                self._unsaved += 1
-                due = self._unsaved >= self.REMOTE_SAVE_EVERY
+                self._pending.append(entry)
+                due = len(self._pending) >= self.REMOTE_SAVE_EVERY
             if due:
-                self.save()
+                self._upload(self.REMOTE_SAVE_EVERY)
             return
         with self._lock:
             self._entries[key] = entry
@@ -396,31 +424,39 @@ class ReplyCache:
             with open(self.path, "ab") as f:
                 if f.tell() and not self._ends_with_newline():
                     f.write(b"\n")  # a line cut short by a kill: start afresh on the next line
-                f.write(line)
+                f.write(_jsonl([entry]))
                 f.flush()
                 os.fsync(f.fileno())
 
     def save(self) -> None:
-        """Put the replies a bucket copy still lacks there (a local file is always complete). The
-        upload runs outside the entries' lock, so other judge threads keep reading and adding."""
+        """Put the replies the bucket still lacks there (a local file is always complete)."""
+        self._upload(1)
+
+    def _upload(self, at_least: int) -> None:
+        """The pending replies as the next part, when there are `at_least` of them (threads that all
+        saw a full batch do not each write a part of the few replies added since). The upload runs
+        outside the entries' lock, so other judge threads keep reading and adding."""
         with self._upload_lock:
             with self._lock:
-                if not self._unsaved:
+                if len(self._pending) < at_least:
                     return
-                entries = list(self._entries.values())
-                self._unsaved = 0
+                batch, self._pending = self._pending, []
             try:
-                paths.write_atomic(self.path, "".join(json.dumps(e, ensure_ascii=False) + "\n"
-                                                      for e in entries).encode("utf-8"))
+                paths.write_atomic(self._part_path(self._next_part), _jsonl(batch))
             except BaseException:
                 with self._lock:
-                    self._unsaved += 1  # the bucket copy still lacks these replies: the next save retries
+                    self._pending[:0] = batch  # not on the bucket: the next upload carries them
                 raise
+            self._next_part += 1
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:
             f.seek(-1, os.SEEK_END)
             return f.read(1) == b"\n"
+
+
+def _jsonl(entries: Sequence[dict]) -> bytes:
+    return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8")
 
 
 # --------------------------------------------------------------------------- judging
