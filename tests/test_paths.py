@@ -302,19 +302,27 @@ def test_diversify_reads_and_writes_gs(tmp_path, gcs, cache):
     local = job(str(tmp_path / "out"))
     embedder = upload(str(minilm_dir(local)), f"{BUCKET}/minilm")
     run_diversify(local)
+    there = f"{BUCKET}/curate/refine/refined.jsonl"
+    gcs.reads.clear()
     report = run_diversify(job(f"{BUCKET}/curate", f"curate.diversify.embedder_dir={embedder}"))
     assert report["output"] == f"{BUCKET}/curate/diversify" and report["kept"] == 15 + 15 + 6
+    assert gcs.reads[there] == 1  # fingerprinted and parsed from one download
+    run_diversify(job(f"{BUCKET}/curate", f"curate.diversify.embedder_dir={embedder}"))  # done: hashed only
+    assert gcs.reads[there] == 2
     names = assert_same_files(str(tmp_path / "out" / "diversify"), f"{BUCKET}/curate/diversify",
                               skip=("manifest.json", "report.md"))
     assert {"th.jsonl", "th_clusters.png", "report.md"} <= set(names)
     here = str((tmp_path / "out" / "refine" / "refined.jsonl").resolve())
-    there = f"{BUCKET}/curate/refine/refined.jsonl"
     report_md = (tmp_path / "out" / "diversify" / "report.md").read_text()
     assert paths.read_text(f"{BUCKET}/curate/diversify/report.md") == report_md.replace(here, there)
     manifest = json.loads(paths.read_text(f"{BUCKET}/curate/diversify/manifest.json"))
     assert manifest["settings"]["input_sha256"] == [[f"{BUCKET}/curate/refine/refined.jsonl",
                                                      hashlib.sha256(data).hexdigest()]]
     assert manifest["settings"]["embedder"]["dir"] == embedder  # the URL, not this machine's cached copy
+    paths.write_atomic(f"{BUCKET}/bad/refined.jsonl", b'{"lang": "th", "instruction": "i", "output": "o"}\n')
+    with pytest.raises(ConfigError, match=r"^gs://bucket/bad/refined.jsonl:1: id: "):  # the URL, not its copy
+        run_diversify(job(f"{BUCKET}/curate2", f"curate.diversify.input={BUCKET}/bad/refined.jsonl",
+                          "data.strict=true", f"curate.diversify.embedder_dir={embedder}"))
 
 
 def refine_job(tmp_path, out: str, candidates: str, generator: str, evaluator: str):
@@ -335,13 +343,20 @@ def test_refine_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
     paths.write_atomic(f"{BUCKET}/cands/candidates.jsonl", data)
     generator, evaluator = hf_models[1], hf_models[2]
     run_refine(refine_job(tmp_path, str(tmp_path / "out"), str(tmp_path / "c.jsonl"), generator, evaluator))
-    report = run_refine(refine_job(tmp_path, f"{BUCKET}/curate", f"{BUCKET}/cands", upload(generator, f"{BUCKET}/gen"),
-                                   upload(evaluator, f"{BUCKET}/eval")))
+    gen_url, eval_url = upload(generator, f"{BUCKET}/gen"), upload(evaluator, f"{BUCKET}/eval")
+    gcs.reads.clear()
+    report = run_refine(refine_job(tmp_path, f"{BUCKET}/curate", f"{BUCKET}/cands", gen_url, eval_url))
     assert report["output"] == f"{BUCKET}/curate/refine/refined.jsonl"
+    assert gcs.reads[f"{BUCKET}/cands/candidates.jsonl"] == 1  # fingerprinted and parsed from one download
     names = assert_same_files(str(tmp_path / "out" / "refine"), f"{BUCKET}/curate/refine", skip=("manifest.json",))
     assert {"refined.jsonl", "round-1/part-00000.jsonl", "round-1/part-00000.done"} <= set(names)
     manifest = json.loads(paths.read_text(f"{BUCKET}/curate/refine/manifest.json"))
     assert manifest["settings"]["candidates"] == f"{BUCKET}/cands/candidates.jsonl"
+    assert manifest["settings"]["candidates_sha256"] == hashlib.sha256(data).hexdigest()
+    bad = json.dumps(dict(CANDIDATES[0], lang="de")) + "\n"
+    paths.write_atomic(f"{BUCKET}/bad/candidates.jsonl", bad.encode())
+    with pytest.raises(ConfigError, match=r"^gs://bucket/bad/candidates.jsonl:1: lang: unknown_lang"):
+        run_refine(refine_job(tmp_path, f"{BUCKET}/curate2", f"{BUCKET}/bad", generator, evaluator))
 
 
 def test_refine_generator_retraining_writes_gs(tmp_path, gcs, cache, hf_models, monkeypatch):

@@ -4,6 +4,7 @@ that add up, resume, and bad input. The evaluator's scoring itself: test_evaluat
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -81,7 +82,8 @@ class KeywordEvaluator:
 def test_refine_shard_rules(tmp_path, model_dirs, fix):
     generator, evaluator = model_dirs
     cfg = load_config("refine_xinst", overrides(tmp_path, generator, evaluator, write_candidates(tmp_path / "c.jsonl")))
-    pairs = read_candidates(cfg, tmp_path / "c.jsonl")
+    pairs, sha256 = read_candidates(cfg, tmp_path / "c.jsonl")
+    assert sha256 == hashlib.sha256((tmp_path / "c.jsonl").read_bytes()).hexdigest()  # the manifest's fingerprint
     judge = KeywordEvaluator(fix)
     models = Models(cfg, judge, ("", str(generator)))
     rows = refine_shard(models, pairs, 1, InstructionFilter(cfg.curate.instruction_filters))

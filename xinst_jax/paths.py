@@ -6,6 +6,7 @@ a local path takes a bucket path too.
     exists / isdir / isfile / listdir / glob / size / makedirs / remove / replace / join / absolute
     open(p, mode)         a file object (URL files accept numpy buffers as local ones do)
     write_atomic(p, data) all of `data` or nothing at `p`
+    read_once(files)      local paths and sha256s of files, each URL downloaded once
     local_copy(url)       a local file or directory holding the URL's bytes, copied once
     check_dir(key, p)     a job's check of a directory it reads, naming the key
     config_path_problems  config.validate's offline check of every path key
@@ -28,7 +29,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Sequence
 
 from xinst_jax.config import ConfigError
 
@@ -204,6 +205,43 @@ def copy_file(src: Any, dst: Any) -> None:
         return
     with open(src, "rb") as r, open(dst, "wb") as w:
         shutil.copyfileobj(r, w, 1 << 24)
+
+
+@contextlib.contextmanager
+def read_once(files: Sequence[Any]) -> Iterator[list[tuple[str, str]]]:
+    """(a local path holding the file's bytes, the sha256 of those bytes) per file, for a job that
+    fingerprints its input and then parses it: a URL is downloaded once, into a temporary directory
+    removed on exit, and hashed on the way (not fetched once to hash and again to read). A local file
+    is hashed and used in place (reading it twice costs no transfer)."""
+    with tempfile.TemporaryDirectory(prefix="xinst_jax_input-") as tmp:
+        yield [_hashed_copy(f, tmp) if is_remote(f) else (str(f), _hash_stream(f)) for f in files]
+
+
+def given_names(text: str, files: Sequence[Any], copies: Sequence[str]) -> str:
+    """`text` (a reader's error) naming each of read_once's local copies as the file it copies."""
+    for given, copy in zip(files, copies):
+        text = text.replace(copy, str(given))
+    return text
+
+
+def _hashed_copy(url: Any, tmp: str) -> tuple[str, str]:
+    """The URL's bytes at <tmp>/<scheme>/<bucket>/<key> (messages that name the copy still show the
+    object's name and suffix), and their sha256."""
+    local = os.path.join(tmp, *str(url).split("://", 1))
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with builtins.open(local, "wb") as sink:
+        return local, _hash_stream(url, sink)
+
+
+def _hash_stream(path: Any, sink: IO | None = None) -> str:
+    """sha256 of a file's bytes, read in blocks; each block also written to `sink` when given."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+            if sink is not None:
+                sink.write(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- local copies of URLs

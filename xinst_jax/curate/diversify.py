@@ -74,7 +74,7 @@ from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError, DataInputConfig
 from xinst_jax.curate.candidates import stage_dir
 from xinst_jax.curate.counts import StageCounts
-from xinst_jax.data.records import RecordReader, glob_files
+from xinst_jax.data.records import DataError, RecordReader, glob_files
 from xinst_jax.jobs import register_job
 from xinst_jax.shards import check_manifest, file_sha256, write_atomic, write_json
 
@@ -125,11 +125,6 @@ def input_sources(cfg: Config) -> tuple[str, list[str]]:
     return path, files
 
 
-def input_fingerprint(files: list[str]) -> list[list]:
-    """[file, sha256] per input file (local or gs://): a changed input is never taken for done."""
-    return [[f, file_sha256(f)] for f in files]
-
-
 def _number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -143,15 +138,19 @@ class Pairs:
     lines: int  # non-blank input lines
 
 
-def read_pairs(cfg: Config, path: str) -> Pairs:
+def read_pairs(cfg: Config, path: str, files: list[str], copies: list[str]) -> Pairs:
+    """The pairs of the input `path`: its `files`, read from `copies` (paths.read_once's)."""
     reader = RecordReader(cfg.data.languages, cfg.data.max_chars, cfg.data.strict, required=("instruction", "output"),
                           require_id=True, strict_key="data.strict")
     out = []
-    for rec in reader.read([DataInputConfig(path=path)]):
-        meta = rec["meta"]
-        out.append({"index": len(out), "id": rec["id"], "lang": rec["lang"], "instruction": rec["instruction"],
-                    "output": rec["output"], "score": _number(meta.get("score")), "round": meta.get("round"),
-                    "source_id": meta.get("source_id", rec["id"])})
+    try:
+        for rec in reader.read([DataInputConfig(path=f) for f in copies]):
+            meta = rec["meta"]
+            out.append({"index": len(out), "id": rec["id"], "lang": rec["lang"], "instruction": rec["instruction"],
+                        "output": rec["output"], "score": _number(meta.get("score")), "round": meta.get("round"),
+                        "source_id": meta.get("source_id", rec["id"])})
+    except DataError as e:
+        raise DataError(paths.given_names(str(e), files, copies)) from None
     totals = reader.totals()
     key = "curate.diversify.input"
     if totals["in"] == 0:
@@ -343,20 +342,22 @@ def run_diversify(cfg: Config) -> dict:
     setup_runtime(cfg.distributed)
     process = jax.process_index()
     out = stage_dir(cfg, "diversify")
-    settings = {
-        "stage": "diversify", "input": path, "input_sha256": input_fingerprint(files),
-        "languages": cfg.data.languages, "max_chars": cfg.data.max_chars, "embedder": embedder_settings(cfg),
-        "clusters": div.clusters, "max_auto_clusters": MAX_AUTO_CLUSTERS, "metric": div.metric, "restarts": div.restarts,
-        "iterations": div.iterations, "tolerance": div.tolerance, "per_language": div.per_language,
-        "seed": cfg.seed, "draw": DRAW,
-    }
-    saved = finished(out, settings)
-    if saved is not None:
-        print(f"diversify: {out} is done with these settings and this input; nothing to do", flush=True)
-        return {k: v for k, v in saved.items() if k != "settings"}
-    check_manifest(out, {"settings": settings}, "curate.out", write=False)
-    start = time.perf_counter()
-    pairs = read_pairs(cfg, path)
+    # each input file is read once: hashed (a changed input is never taken for done) as it is fetched
+    with paths.read_once(files) as local:
+        settings = {
+            "stage": "diversify", "input": path, "input_sha256": [[f, sha] for f, (_, sha) in zip(files, local)],
+            "languages": cfg.data.languages, "max_chars": cfg.data.max_chars, "embedder": embedder_settings(cfg),
+            "clusters": div.clusters, "max_auto_clusters": MAX_AUTO_CLUSTERS, "metric": div.metric,
+            "restarts": div.restarts, "iterations": div.iterations, "tolerance": div.tolerance,
+            "per_language": div.per_language, "seed": cfg.seed, "draw": DRAW,
+        }
+        saved = finished(out, settings)
+        if saved is not None:
+            print(f"diversify: {out} is done with these settings and this input; nothing to do", flush=True)
+            return {k: v for k, v in saved.items() if k != "settings"}
+        check_manifest(out, {"settings": settings}, "curate.out", write=False)
+        start = time.perf_counter()
+        pairs = read_pairs(cfg, path, files, [copy for copy, _ in local])
     if process == 0:
         out.mkdir(parents=True, exist_ok=True)
         check_manifest(out, {"settings": settings}, "curate.out")

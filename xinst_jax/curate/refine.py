@@ -48,9 +48,9 @@ from typing import Any
 from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError, DataInputConfig
 from xinst_jax.curate.candidates import stage_dir
-from xinst_jax.data.records import RecordReader
+from xinst_jax.data.records import DataError, RecordReader
 from xinst_jax.jobs import register_job
-from xinst_jax.shards import (check_manifest, file_sha256, read_done_marker, shard_paths, shard_ranges,
+from xinst_jax.shards import (check_manifest, read_done_marker, shard_paths, shard_ranges,
                               shards_for_process, write_atomic, write_json, write_shard)
 
 log = logging.getLogger(__name__)
@@ -69,18 +69,23 @@ def candidates_path(cfg: Config) -> Any:
     return path
 
 
-def read_candidates(cfg: Config, path: Any) -> list[dict]:
-    """Candidates in file order, each with its `index`; bad lines are an error naming file:line:field
-    (the candidates job wrote this file, so a bad line means it was edited or truncated)."""
+def read_candidates(cfg: Config, path: Any) -> tuple[list[dict], str]:
+    """Candidates in file order, each with its `index`, and the sha256 of the file (for the
+    manifest), from one read of it; bad lines are an error naming file:line:field (the candidates
+    job wrote this file, so a bad line means it was edited or truncated)."""
     reader = RecordReader(cfg.data.languages, sys.maxsize, strict=True, required=("instruction", "output"),
                           require_id=True, strict_key="refine (candidates are read strictly)")
     out = []
-    for i, rec in enumerate(reader.read([DataInputConfig(path=str(path))])):
-        out.append({"index": i, "id": rec["id"], "lang": rec["lang"], "instruction": rec["instruction"],
-                    "output": rec["output"], "source_id": rec["meta"].get("source_id", rec["id"])})
+    with paths.read_once([str(path)]) as [(local, sha256)]:
+        try:
+            for i, rec in enumerate(reader.read([DataInputConfig(path=local)])):
+                out.append({"index": i, "id": rec["id"], "lang": rec["lang"], "instruction": rec["instruction"],
+                            "output": rec["output"], "source_id": rec["meta"].get("source_id", rec["id"])})
+        except DataError as e:
+            raise DataError(paths.given_names(str(e), [path], [local])) from None
     if not out:
         raise ConfigError(f"curate.candidates: {path} holds no candidates")
-    return out
+    return out, sha256
 
 
 @dataclasses.dataclass
@@ -248,13 +253,13 @@ def run_refine(cfg: Config) -> dict:
     check_refine_config(cfg)
     cur, gen = cfg.curate, cfg.generate
     source = candidates_path(cfg)
-    candidates = read_candidates(cfg, source)
+    candidates, candidates_sha256 = read_candidates(cfg, source)
     setup_runtime(cfg.distributed)
     process, count = jax.process_index(), jax.process_count()
     out = stage_dir(cfg, "refine")
     out.mkdir(parents=True, exist_ok=True)
     settings = {
-        "stage": "refine", "candidates": paths.absolute(str(source)), "candidates_sha256": file_sha256(source),
+        "stage": "refine", "candidates": paths.absolute(str(source)), "candidates_sha256": candidates_sha256,
         "evaluator": [cur.evaluator_checkpoint, cur.evaluator_hf_dir], "generator": [gen.checkpoint, gen.hf_dir],
         "rounds": cur.rounds, "fresh_instructions": cur.fresh_instructions, "shard_size": cur.shard_size,
         "retrain_generator": cur.retrain_generator, "model": dataclasses.asdict(cfg.model),
