@@ -66,10 +66,12 @@ def test_streamed_text_is_cut_where_the_whole_answer_is(text, stops):
 # --------------------------------------------------------------------------- the engine's progress
 
 
-def test_engine_reports_each_rows_tokens_as_it_decodes():
-    """generate(progress=...): after every chunk each running row's tokens so far (growing, each a
-    prefix of the final ones), then once its finished tokens with the finish reason; a smaller
-    chunk_steps for the call gives the same tokens. Static batches report each row once."""
+def test_engine_reports_each_token_once_as_it_decodes():
+    """generate(progress=...): after every chunk each running row's new tokens (none twice, none
+    dropped: the calls join to the row's output), the last call with the finish reason; a smaller
+    chunk_steps for the call gives the same tokens. The continuous schedule reads only the new
+    tokens off the device (windows a chunk wide, not the history). Static batches report each row
+    once, with all its tokens."""
     import numpy as np
 
     from test_generate import random_prompts, tiny_cfg, tiny_params
@@ -83,17 +85,18 @@ def test_engine_reports_each_rows_tokens_as_it_decodes():
     limits = np.random.default_rng(0).integers(4, 25, size=len(prompts)).tolist()
     calls: dict[int, list] = {i: [] for i in range(len(prompts))}
     out = engine.generate(prompts, settings, max_new_tokens=limits, chunk_steps=3,
-                          progress=lambda i, tokens, finish: calls[i].append((list(tokens), finish)))
+                          progress=lambda i, new, finish: calls[i].append((list(new), finish)))
+    widths = {k[-1] for k in engine.trace_counts if k[0] == "read_tokens"}
+    assert widths == {4}, widths  # read off the device: a chunk's window per row, never the history
     assert out.tokens == engine.generate(prompts, settings, max_new_tokens=limits).tokens  # chunk 64: same
     for i, seen in calls.items():
-        assert seen[-1] == (out.tokens[i], out.finish_reasons[i])
-        assert all(finish is None for _, finish in seen[:-1])
-        lengths = [len(tokens) for tokens, _ in seen]
-        assert lengths == sorted(lengths) and all(out.tokens[i][:n] == t for (t, _), n in zip(seen, lengths))
+        assert [t for new, _ in seen for t in new] == out.tokens[i]  # each token exactly once, in order
+        assert [finish for _, finish in seen] == [None] * (len(seen) - 1) + [out.finish_reasons[i]]
+        assert all(1 <= len(new) <= 4 for new, _ in seen)  # one chunk's tokens (3 steps; +1 from the refill)
     assert max(len(seen) for seen in calls.values()) >= 4  # reported while decoding, not only at the end
     calls = {i: [] for i in range(len(prompts))}
     engine.generate(prompts, settings, max_new_tokens=limits, schedule="static",
-                    progress=lambda i, tokens, finish: calls[i].append((list(tokens), finish)))
+                    progress=lambda i, new, finish: calls[i].append((list(new), finish)))
     assert calls == {i: [(out.tokens[i], out.finish_reasons[i])] for i in calls}
 
 

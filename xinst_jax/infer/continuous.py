@@ -28,7 +28,8 @@ from xinst_jax.infer.sampling import SamplingSettings
 if TYPE_CHECKING:
     from xinst_jax.infer.generate import Engine
 
-# (the row's tokens so far, its finish reason once it finished, else None); on the schedule's thread
+# (the row's tokens new since its last report, its finish reason once it finished, else None); on
+# the schedule's thread. A row's reports join to its tokens, each token reported once.
 Report = Callable[[list[int], Optional[str]], None]
 
 
@@ -39,7 +40,7 @@ class SlotRow:
     prompt: Sequence[int]
     key: np.ndarray  # [2] uint32: row_keys(the row's seed, its row id)
     limit: int  # max new tokens (capped at the settings' max_new_tokens)
-    report: Report  # called once with the finished tokens; also after every chunk when `stream`
+    report: Report  # called when it finishes; also after every chunk that gave it tokens when `stream`
     stream: bool = False
 
 
@@ -78,7 +79,12 @@ class ContinuousSchedule:
         self.waiting: collections.deque[SlotRow] = collections.deque()
         self.free = list(range(self.rows))
         self.running: dict[int, SlotRow] = {}  # slot -> row
-        self.buckets = [bucket] * self.rows  # slot -> the prompt bucket of its row
+        self.buckets = [bucket] * self.rows  # slot -> the prompt bucket of its row (its tokens start there)
+        self.reported = [0] * self.rows  # slot -> its row's tokens already reported
+        # Reports read windows of the history this wide: streamed rows' tokens of one chunk (a new
+        # row's first token comes from the refill), else whole rows (finished ones' tokens); two
+        # fixed widths, so neither a row's length nor chunk_steps compiles another read.
+        self.stream_width, self.row_width = min(self.stream_chunk_steps + 1, cap), cap
         self.refills = self.chunks = self.steps = self.new_tokens = self.added = 0
         self.started = time.perf_counter()
 
@@ -130,22 +136,38 @@ class ContinuousSchedule:
         self.chunks += 1
         self.steps += int(ran)
         finished = [slot for slot in self.running if done[slot]]
-        if finished or streamed:  # one more read: the tokens themselves
-            history, base = jax.device_get((self.state["history"], self.state["base"]))
-
-            def tokens(slot: int) -> list[int]:
-                return history[slot, base[slot]:base[slot] + count[slot]].tolist()
-
+        streaming = [slot for slot, row in self.running.items() if row.stream and not done[slot]
+                     and count[slot] > self.reported[slot]]
+        if finished or streaming:
+            new = self._read_new(finished + streaming, count)
             for slot in finished:
                 row = self.running.pop(slot)
-                out = tokens(slot)
-                self.new_tokens += len(out)
-                row.report(out, FINISH_NAMES[int(finish[slot])])
-            for slot, row in self.running.items():
-                if row.stream:
-                    row.report(tokens(slot), None)
+                self.new_tokens += int(count[slot])
+                row.report(new[slot], FINISH_NAMES[int(finish[slot])])
+            for slot in streaming:
+                self.running[slot].report(new[slot], None)
             self.free = sorted(self.free + finished)
         return True
+
+    def _read_new(self, slots: list[int], count: np.ndarray) -> dict[int, list[int]]:
+        """Each slot's tokens since its last report, in one device-to-host read of a window per
+        slot (not the whole history: a streamed row's host work stays linear in its length)."""
+        e = self.engine
+        need = max(int(count[s]) - self.reported[s] for s in slots)
+        streamed = all(self.running[s].stream for s in slots)
+        width = self.stream_width if streamed and need <= self.stream_width else self.row_width
+        history_width = self.state["history"].shape[1]
+        index = np.zeros((self.rows,), np.int32)  # a fixed shape: one compile per width
+        starts = np.zeros((self.rows,), np.int32)
+        index[:len(slots)] = slots
+        starts[:len(slots)] = [self.buckets[s] + self.reported[s] for s in slots]
+        windows = jax.device_get(e._read_tokens(self.state["history"], e._put(index), e._put(starts), width=width))
+        new = {}
+        for i, slot in enumerate(slots):
+            shift = int(starts[i]) - min(int(starts[i]), history_width - width)  # where dynamic_slice clamped
+            new[slot] = windows[i, shift:shift + int(count[slot]) - self.reported[slot]].tolist()
+            self.reported[slot] = int(count[slot])
+        return new
 
     def _fill(self) -> None:
         """Prefill waiting rows, a group of `refill_size` at a time (each group in its own bucket),
@@ -169,6 +191,7 @@ class ContinuousSchedule:
                 keys[r] = row.key
                 self.running[int(slots[r])] = row
                 self.buckets[int(slots[r])] = bucket
+                self.reported[int(slots[r])] = 0
             self.state = e._refill(e.params, self.state, e._put(tokens), e._put(lengths), e._put(slots),
                                    e._put(limits), e._put(keys), settings=self.settings)
             self.refills += 1

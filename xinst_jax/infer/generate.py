@@ -84,9 +84,10 @@ log = logging.getLogger(__name__)
 FINISH_LENGTH, FINISH_STOP = 0, 1
 FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop"}
 
-# generate(progress=...): called on the host with (prompt index, the row's tokens so far, its
-# finish reason or None while it runs) whenever a row has new tokens: after every decode chunk in
-# the continuous schedule (what streaming servers send), once per row at the end of a static batch.
+# generate(progress=...): called on the host with (prompt index, the row's tokens new since its
+# last call, its finish reason or None while it runs) whenever a row has new tokens: after every
+# decode chunk in the continuous schedule (what streaming servers send), once per row (all its
+# tokens) at the end of a static batch. The calls' tokens join to the row's output, each token once.
 Progress = Callable[[int, list[int], Optional[str]], None]
 
 
@@ -214,6 +215,7 @@ class Engine:
         self._init_slots = jax.jit(self._init_slots_impl, static_argnames=("rows", "length", "width"))
         self._refill = jax.jit(self._refill_impl, static_argnames=("settings",), donate_argnames=("state",))
         self._chunk = jax.jit(self._chunk_impl, static_argnames=("settings", "live"), donate_argnames=("state",))
+        self._read_tokens = jax.jit(self._read_tokens_impl, static_argnames=("width",))
 
     # ----------------------------------------------------------------- placement helpers
 
@@ -482,6 +484,14 @@ class Engine:
                 put(cache.segment_ids, new.segment_ids), new.index))
             return steps, out
 
+    def _read_tokens_impl(self, history, slots, starts, width: int):
+        """history[slots[i], starts[i] : starts[i] + width] for every i: [len(slots), width]. A
+        window that would run past the history's end starts earlier (dynamic_slice clamps; the
+        host shifts back). What a chunk's reports read off the device instead of the whole history."""
+        self.trace_counts[("read_tokens", *history.shape, slots.shape[0], width)] += 1
+        rows = jnp.take(history, slots, axis=0)
+        return jax.vmap(lambda h, s: jax.lax.dynamic_slice_in_dim(h, s, width))(rows, starts)
+
     # ----------------------------------------------------------------- host API
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings,
@@ -573,7 +583,7 @@ class Engine:
         """Continuous batching over known prompts: every row added to one schedule up front
         (shortest first, so prefill groups share buckets), sized for the largest of them, run
         until all finished. One device-to-host read per chunk, not per token (with `progress`,
-        that read also takes the running rows' tokens)."""
+        that read also takes the running rows' new tokens)."""
         from xinst_jax.infer.continuous import SlotRow
 
         n = len(prompts)
@@ -584,11 +594,12 @@ class Engine:
         keys = np.asarray(row_keys(settings.seed, np.asarray(row_ids, np.int64).astype(np.uint32)))
 
         def report_to(i: int):
-            def report(tokens: list[int], finish: Optional[str]) -> None:
+            def report(new: list[int], finish: Optional[str]) -> None:
+                tokens_out[i].extend(new)
                 if finish is not None:
-                    tokens_out[i], finish_out[i] = tokens, finish
+                    finish_out[i] = finish
                 if progress is not None:
-                    progress(i, tokens, finish)
+                    progress(i, new, finish)
             return report
 
         order = sorted(range(n), key=lambda i: used[i])

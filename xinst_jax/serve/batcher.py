@@ -13,8 +13,8 @@ the schedule has a free slot and no row waiting for one. Scoring requests (echo 
 generate requests when the engine is static, run as one engine call per group. A full queue
 refuses at once (`QueueFull`: the server answers 503), so a burst never hangs its clients.
 
-Streaming: a Work with `on_tokens` hears its rows' tokens as the engine produces them (after every
-decode chunk). While a streamed row runs the schedule decodes `stream_chunk_steps` steps between
+Streaming: a Work with `on_tokens` hears its rows' new tokens as the engine produces them (after
+every decode chunk), each token once. While a streamed row runs the schedule decodes `stream_chunk_steps` steps between
 returns to the host instead of the engine's `chunk_steps`: the first text goes out sooner, at a
 host round trip per chunk; the tokens are the same either way.
 """
@@ -46,7 +46,8 @@ class Work:
     settings: SamplingSettings | None = None
     limits: list[int] | None = None  # per-row max new tokens
     row_ids: list[int] | None = None
-    # (row of this work, its tokens so far, finish reason or None), on the engine's thread
+    # (row of this work, its tokens new since the last call, finish reason or None), on the engine's
+    # thread; a row's calls join to its tokens
     on_tokens: Optional[Callable[[int, list[int], Optional[str]], None]] = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
@@ -168,16 +169,18 @@ class Batcher:
         from xinst_jax.infer.continuous import SlotRow
 
         results: list[Optional[tuple]] = [None] * len(work.rows)
+        tokens: list[list[int]] = [[] for _ in work.rows]
         left = [len(work.rows)]
 
         def report_to(j: int):
             used, truncated = self.engine.fit(work.rows[j])
 
-            def report(tokens: list[int], finish: Optional[str]) -> None:
+            def report(new: list[int], finish: Optional[str]) -> None:
+                tokens[j].extend(new)
                 if work.on_tokens is not None:  # before the result: a stream's last event precedes its end
-                    work.on_tokens(j, tokens, finish)
+                    work.on_tokens(j, new, finish)
                 if finish is not None:
-                    results[j] = (tokens, finish, used, truncated)
+                    results[j] = (tokens[j], finish, used, truncated)
                     left[0] -= 1
                     if left[0] == 0:
                         work.future.set_result(results)
@@ -229,9 +232,9 @@ def _route_progress(group: list[Work]) -> Callable[[int, list[int], Optional[str
     """The engine's progress over the group's rows -> each streamed work's own rows."""
     owners = [(w, j) for w in group for j in range(len(w.rows))]
 
-    def progress(i: int, tokens: list[int], finish: Optional[str]) -> None:
+    def progress(i: int, new: list[int], finish: Optional[str]) -> None:
         work, row = owners[i]
         if work.on_tokens is not None:
-            work.on_tokens(row, tokens, finish)
+            work.on_tokens(row, new, finish)
 
     return progress

@@ -2,7 +2,7 @@
 /v1/chat/completions.
 
 The request goes to the batcher with an `on_tokens` callback (called on the engine's thread after
-every decode chunk, batcher.py); the callback hands each row's tokens to the event loop, where
+every decode chunk, batcher.py); the callback hands each row's new tokens to the event loop, where
 `RowText` turns them into text (whole characters only, cut at the stop strings: detok.py) and the
 response sends it at once. Each choice ends with an event holding its `finish_reason`; the stream
 ends with `data: [DONE]`. The submit happens before the response starts, so a full queue is
@@ -36,15 +36,14 @@ class RowText:
         self.decoder = IncrementalDecoder(tokenizer)
         self.stop = StopText(stops)
         self.stop_ids = set(stop_ids)
-        self.seen = 0  # tokens already decoded
         self.finish: Optional[str] = None  # set once the choice is over for the client
 
-    def update(self, tokens: list[int], finish: Optional[str]) -> tuple[str, Optional[str]]:
-        """(new text, the choice's finish reason if this update ended it) from the row's tokens so
-        far; `finish`: the engine's reason once the row ended. Nothing more after the end."""
+    def update(self, new: list[int], finish: Optional[str]) -> tuple[str, Optional[str]]:
+        """(new text, the choice's finish reason if this update ended it) from the row's tokens new
+        since the last update; `finish`: the engine's reason once the row ended. Nothing more
+        after the end."""
         if self.finish is not None:
             return "", None
-        new, self.seen = tokens[self.seen:], len(tokens)
         if finish == "stop" and new and new[-1] in self.stop_ids:
             new = new[:-1]  # the stop token is not text (as in the whole answer)
         piece = self.decoder.push(new) + (self.decoder.flush() if finish is not None else "")
@@ -81,7 +80,7 @@ class Stream:
 
 
 def submit_streamed(batcher: Any, work: Work) -> tuple[asyncio.Queue, concurrent.futures.Future]:
-    """Submit `work` with a callback that queues (row, tokens, finish) on this event loop; None is
+    """Submit `work` with a callback that queues (row, new tokens, finish) on this event loop; None is
     queued once the engine is done with it. Raises QueueFull before anything is sent."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -92,7 +91,7 @@ def submit_streamed(batcher: Any, work: Work) -> tuple[asyncio.Queue, concurrent
         except RuntimeError:  # the loop is closed: the server is gone, nobody listens
             pass
 
-    work.on_tokens = lambda row, tokens, finish: put((row, list(tokens), finish))
+    work.on_tokens = lambda row, new, finish: put((row, list(new), finish))
     future = batcher.submit(work)
     future.add_done_callback(lambda _: put(None))  # after every progress call (same thread, FIFO)
     return events, future
@@ -112,11 +111,11 @@ async def stream_events(stream: Stream, events: asyncio.Queue, future: concurren
                 yield sse({"error": {"message": str(future.exception()), "type": "server_error", "param": None,
                                      "code": None}})
             break
-        row, tokens, finish = item
+        row, new, finish = item
         if stream.rows[row].finish is not None:
             continue  # cut at a stop string earlier: the engine's later tokens are not sent
-        text, ended = stream.rows[row].update(tokens, finish)
-        stream.completion_tokens[row] = len(tokens)
+        text, ended = stream.rows[row].update(new, finish)
+        stream.completion_tokens[row] += len(new)
         if text:
             yield stream.chunk(row, text)
         if ended is not None:
