@@ -234,7 +234,10 @@ def test_train_tokenizer_writes_gs_as_locally(tmp_path, gcs, cache):
                                               "data.tokenizer_vocab_size=400"])
 
     run_train_tokenizer(job(str(tmp_path / "tok")))
+    gcs.reads.clear()
     assert run_train_tokenizer(job(f"{BUCKET}/tok")) == f"{BUCKET}/tok"
+    assert not gcs.reads  # made and checked locally, then uploaded: nothing read back from the bucket
+    assert sorted(url for url, _ in gcs.writes) == sorted(f"{BUCKET}/tok/{n}" for n in os.listdir(tmp_path / "tok"))
     names = sorted(os.listdir(tmp_path / "tok"))
     assert paths.listdir(f"{BUCKET}/tok") == names and "tokenizer.json" in names
     for name in names:

@@ -5,7 +5,8 @@
 Trains on every text field (`text`, `instruction`, `output`) of the records that `data.inputs`
 yields (validated like prepare's, `data.languages` and `data.max_chars` apply), one line per
 training sentence, and writes into `data.tokenizer` (a directory, local or gs://, written through
-xinst_jax/paths.py; default `<run_dir>/tokenizer`):
+xinst_jax/paths.py; default `<run_dir>/tokenizer`; for gs:// the files are made and checked in a
+local temporary directory, then uploaded):
 
   tokenizer.model          the SentencePiece model (unk 0, BOS <s> 1, EOS </s> 2, no pad)
   tokenizer.json           the same tokenizer for the `tokenizers` library (identical ids)
@@ -27,12 +28,13 @@ import io
 import logging
 import os
 import random
+import tempfile
 import time
 
 from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError
 from xinst_jax.data.records import TEXT_FIELDS, DataError, RecordReader
-from xinst_jax.data.tokenizer import SP_FILE, load_tokenizer, save_tokenizer_files
+from xinst_jax.data.tokenizer import SP_FILE, Tokenizer, load_tokenizer, save_tokenizer_files
 from xinst_jax.jobs import register_job
 
 log = logging.getLogger(__name__)
@@ -89,22 +91,45 @@ def run_train_tokenizer(cfg: Config) -> str:
     start = time.time()
     sentences, reader = collect_sentences(cfg)
     model = train_sentencepiece(sentences, cfg.data.tokenizer_vocab_size, cfg.data.tokenizer_character_coverage)
-    paths.makedirs(out_dir)
-    model_file = paths.join(out_dir, SP_FILE)
-    paths.write_atomic(model_file, model)
-    save_tokenizer_files(model_file, out_dir, add_bos=True, add_eos=False)
-    # self-check: the tokenizer.json gives the SentencePiece ids
-    sp, hf = load_tokenizer(model_file), load_tokenizer(out_dir)
-    sample = sentences[:: max(1, len(sentences) // 2000)]
-    mismatches = sum(sp.encode(s) != hf.encode(s) for s in sample)
-    if mismatches:
-        log.warning("tokenizer.json differs from tokenizer.model on %d of %d sample sentences", mismatches, len(sample))
+    # the files are made and checked locally; a bucket directory gets them uploaded, never read back
+    remote = paths.is_remote(out_dir)
+    with tempfile.TemporaryDirectory(prefix="xinst_jax_tokenizer-") as tmp:
+        local_dir = tmp if remote else out_dir
+        made = write_tokenizer(model, local_dir)
+        sp = check_tokenizer(local_dir, sentences)
+        if remote:
+            upload(made, out_dir)
     totals = reader.totals()
     log.info("train_tokenizer: %d sentences from %d records (%d skipped) in %.1fs", len(sentences), totals["kept"],
              totals["skipped_total"], time.time() - start)
     print(f"tokenizer: vocab {sp.vocab_size} (bos {sp.bos_id}, eos {sp.eos_id}) trained on {len(sentences)} lines "
           f"-> {out_dir}", flush=True)
     return out_dir
+
+
+def write_tokenizer(model: bytes, out_dir: str) -> list[str]:
+    """The SentencePiece model and the Hugging Face files beside it in a local directory; their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    model_file = os.path.join(out_dir, SP_FILE)
+    paths.write_atomic(model_file, model)
+    return save_tokenizer_files(model_file, out_dir, add_bos=True, add_eos=False)
+
+
+def check_tokenizer(tok_dir: str, sentences: list[str]) -> Tokenizer:
+    """The SentencePiece tokenizer of `tok_dir`, after checking that its tokenizer.json gives the same
+    ids on a sample of the training lines (a warning when not)."""
+    sp, hf = load_tokenizer(os.path.join(tok_dir, SP_FILE)), load_tokenizer(tok_dir)
+    sample = sentences[:: max(1, len(sentences) // 2000)]
+    mismatches = sum(sp.encode(s) != hf.encode(s) for s in sample)
+    if mismatches:
+        log.warning("tokenizer.json differs from tokenizer.model on %d of %d sample sentences", mismatches, len(sample))
+    return sp
+
+
+def upload(files: list[str], out_dir: str) -> None:
+    paths.makedirs(out_dir)
+    for f in files:
+        paths.copy_file(f, paths.join(out_dir, os.path.basename(f)))
 
 
 @register_job("train_tokenizer", log_level=logging.INFO)
