@@ -87,6 +87,39 @@ def test_one_greedy_token_comes_from_the_scoring_pass(server):
         np.testing.assert_allclose(fast["token_logprobs"][1:], slow["token_logprobs"][1:n], rtol=1e-5, atol=1e-5)
 
 
+def test_each_xcopa_task_reads_its_own_language(tmp_path):
+    """The six task files share one template (`include:`) and set only their task name, language
+    and prompt: each task must read its own language's file and prompt with that language's
+    connectors (lm-eval's xcopa_<lang> functions), with the template's settings."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks.xcopa import utils as xcopa_utils
+
+    from xinst_jax.eval.benchmarks import LM_EVAL_TASKS, XCOPA_CONNECTORS
+
+    langs = ("id", "sw", "ta", "th", "tr", "vi")
+    for lang in langs:  # one cause and one effect item per language, each naming its language
+        (tmp_path / lang).mkdir()
+        (tmp_path / lang / f"val.{lang}.jsonl").write_text("".join(
+            json.dumps({"premise": f"Premise {lang} {q}.", "choice1": "Alpha", "choice2": "Beta", "question": q,
+                        "label": label}) + "\n" for q, label in (("cause", 0), ("effect", 1))))
+    tasks = TaskManager(include_defaults=False, include_path=str(LM_EVAL_TASKS), metadata={"xcopa_dir": str(tmp_path)})
+    (group,) = get_task_dict(["xinst_xcopa"], tasks).values()
+    assert sorted(group) == [f"xinst_xcopa_{lang}" for lang in langs]
+    for lang in langs:
+        task = group[f"xinst_xcopa_{lang}"]
+        docs = list(task.validation_docs())
+        assert [d["premise"] for d in docs] == [f"Premise {lang} cause.", f"Premise {lang} effect."], lang
+        prompts = [task.doc_to_text(d) for d in docs]
+        assert prompts == [getattr(xcopa_utils, f"doc_to_text_{lang}")(d) for d in docs], lang
+        assert [p.rsplit(" ", 1)[-1] for p in prompts] == [XCOPA_CONNECTORS[lang][q].rsplit(" ", 1)[-1]
+                                                           for q in ("cause", "effect")], lang
+        assert [task.doc_to_choice(d) for d in docs] == [["alpha", "beta"]] * 2
+        assert [task.doc_to_target(d) for d in docs] == [0, 1]
+        c = task.config
+        assert (c.output_type, c.validation_split, [m["metric"] for m in c.metric_list]) == (
+            "multiple_choice", "validation", ["acc"])
+
+
 @pytest.mark.skipif(not XCOPA.is_dir(), reason="../shared/data/xcopa not present")
 def test_lm_eval_on_our_server_scores_xcopa_as_we_do(server, model_dir, monkeypatch):
     import lm_eval.evaluator
