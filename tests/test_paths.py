@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -475,7 +476,8 @@ def test_eval_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
         results = run_eval(job(f"{BUCKET}/in", f"{BUCKET}/eval", upload(hf_models[1], f"{BUCKET}/hf"), judge.base_url))
     assert results["judge"]["usage"]["cache_file"] == f"{BUCKET}/eval/judge_cache.jsonl"
     assert results["xcopa"]["files"] == {lang: f"{BUCKET}/in/xcopa/{lang}/val.{lang}.jsonl"}
-    # the judge's replies arrive in any order (concurrent requests); the run's own numbers differ in timings
+    # the judge's replies arrive in any order (concurrent requests); the manifest, report and results
+    # name paths (compared below)
     names = assert_same_files(str(tmp_path / "eval"), f"{BUCKET}/eval",
                               skip=("answers/manifest.json", "judge_cache.jsonl", "results.json", "report.md"),
                               renamed={"judge_cache.jsonl": "judge_cache.jsonl.parts/part-000000.jsonl"})
@@ -483,11 +485,29 @@ def test_eval_reads_and_writes_gs(tmp_path, gcs, cache, hf_models):
     assert (manifest["prompts"], manifest["model_source"]) == (f"{BUCKET}/in/prompts.jsonl", f"hf {BUCKET}/hf")
     assert {f"answers/{lang}.jsonl", "fidelity.jsonl", "judge.jsonl", "xcopa.jsonl", "perplexity.jsonl",
             "loss.png", "xcopa.png", "win_tie_loss.png"} <= set(names)
+
     def replies(cache: str) -> list[tuple[str, str]]:  # (key, content) without the reply times
         return sorted((e["key"], e["content"]) for e in ReplyCache(cache).entries())
 
     assert replies(f"{BUCKET}/eval/judge_cache.jsonl") == replies(str(tmp_path / "eval" / "judge_cache.jsonl"))
-    assert "## " in paths.read_text(f"{BUCKET}/eval/report.md")
+    # report and results name the inputs, model and output where each run found them, and results
+    # hold each run's timings: with exactly those normalized, the files are the local run's
+    def as_on_gs(text: str) -> str:
+        for here, there in ((str(tmp_path / "in"), f"{BUCKET}/in"), (str(tmp_path / "eval"), f"{BUCKET}/eval"),
+                            (hf_models[1], f"{BUCKET}/hf")):
+            text = text.replace(here, there)
+        return text
+
+    def timings_zeroed(text: str) -> str:
+        text, n = re.subn(r'"seconds": \{[^}]*\}', lambda m: re.sub(r": [0-9.]+", ": 0", m.group(0)), text)
+        assert n == 1
+        return text
+
+    report_md = (tmp_path / "eval" / "report.md").read_text()
+    assert "## " in report_md and str(tmp_path / "in") in report_md
+    assert paths.read_text(f"{BUCKET}/eval/report.md") == as_on_gs(report_md)
+    results_json = (tmp_path / "eval" / "results.json").read_text()
+    assert timings_zeroed(paths.read_text(f"{BUCKET}/eval/results.json")) == timings_zeroed(as_on_gs(results_json))
 
 
 # --------------------------------------------------------------------------- config validation
