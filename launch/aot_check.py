@@ -220,6 +220,7 @@ class Fit:
     formula_flops: float = 0.0  # per chip: MaxText's formula, and the same counted as XLA counts a scan
     counted_flops: float = 0.0
     refused: str = ""  # why it did not compile (the compiler's out-of-memory message) or was not tried
+    state_over_hbm: bool = False  # params + optimizer state alone exceed the usable HBM: not compiled at all
     model: dict = field(default_factory=dict)  # the resolved model config (the table checks it is current)
 
     def summary(self) -> str:
@@ -267,7 +268,7 @@ def compile_train(config: str, overrides: list[str], devices: list, usable: int)
              "model": dataclasses.asdict(cfg.model)}
     if arguments > usable:
         return Fit(list(overrides), False, arguments, usable, mesh, 0.0, refused="params + optimizer state alone",
-                   **flops)
+                   state_over_hbm=True, **flops)
     start = time.perf_counter()
     try:
         compiled = program.step_fn.lower(program.abstract_state, batch).compile()
@@ -419,7 +420,8 @@ def fit_cell(config: str, model: str, slice_label: str, overrides: list[str], re
 
 def _fit_record(fit: Fit) -> dict:
     return {"overrides": fit.overrides, "fits": fit.fits, "per_chip_gib": round(fit.per_chip_bytes / GIB, 3),
-            "compiled": fit.memory is not None, "usable_gib": round(fit.usable_bytes / GIB, 2), "mesh": fit.mesh,
+            "compiled": fit.memory is not None, "state_over_hbm": fit.state_over_hbm,
+            "usable_gib": round(fit.usable_bytes / GIB, 2), "mesh": fit.mesh,
             "compile_s": round(fit.compile_s, 1), "xla_tflop": round(fit.xla_flops / 1e12, 3),
             "formula_tflop": round(fit.formula_flops / 1e12, 3),
             "formula_scan_tflop": round(fit.counted_flops / 1e12, 3),
@@ -428,7 +430,9 @@ def _fit_record(fit: Fit) -> dict:
 
 def _cell_markdown(cell: dict) -> str:
     base = cell["base"]
-    mark = "" if base["compiled"] else "†" if base["compile_s"] == 0 else "*"
+    # † not compiled (the state alone is over), * the compiler refused: a refusal can take under 0.05 s,
+    # so compile_s == 0 does not tell them apart
+    mark = "" if base["compiled"] else "†" if base["state_over_hbm"] else "*"
     gib = f"{base['per_chip_gib']:.1f}{mark} / {base['usable_gib']:.2f}"
     if base["fits"]:
         return f"✓ {gib}"

@@ -99,6 +99,35 @@ def test_table_markdown_is_rendered_from_its_records():
     for c in records["cells"]:
         if not c["base"]["fits"] and c["change"]:
             assert c["changed"]["fits"] and c["changed"]["per_chip_gib"] <= c["changed"]["usable_gib"]
+        for fit in [c["base"], *c["tried"], *([c["changed"]] if c["changed"] else [])]:
+            if fit["state_over_hbm"]:  # never compiled: nothing measured but the state
+                assert not fit["compiled"] and fit["compile_s"] == 0 and not fit["xla_tflop"], fit["overrides"]
+
+
+def test_dagger_marks_a_step_never_compiled_not_a_fast_refusal():
+    """† (the state alone is over the HBM, nothing compiled) comes from the record's state_over_hbm,
+    * from a compiler refusal, even one that took under 0.05 s (compile_s rounds to 0)."""
+    aot = load_aot_check()
+
+    def markdown(**base) -> str:
+        return aot._cell_markdown({"base": {"per_chip_gib": 20.0, "usable_gib": 15.75, "compile_s": 0.0, **base},
+                                   "change": None, "changed": None})
+
+    assert markdown(fits=False, compiled=False, state_over_hbm=True) == "✗ 20.0† / 15.75; nothing searched fits"
+    assert markdown(fits=False, compiled=False, state_over_hbm=False) == "✗ 20.0* / 15.75; nothing searched fits"
+    assert markdown(fits=False, compiled=True, state_over_hbm=False) == "✗ 20.0 / 15.75; nothing searched fits"
+
+
+def test_state_over_the_hbm_is_recorded_as_not_compiled():
+    """compile_train stops before compiling when params + optimizer state alone exceed the usable
+    bytes, and says so in the record (any devices: nothing is compiled)."""
+    import jax
+
+    aot = load_aot_check()
+    fit = aot.compile_train("tiny_synthetic", ["train.batch_size=8", "train.seq_len=32"], jax.devices()[:1], 1)
+    record = aot._fit_record(fit)
+    assert (record["state_over_hbm"], record["compiled"], record["fits"]) == (True, False, False)
+    assert fit.per_chip_bytes > 1 and fit.refused == "params + optimizer state alone"
 
 
 def test_table_searched_the_candidates_in_order():
@@ -134,7 +163,8 @@ def assert_same_fit(got, recorded: dict, what: str):
 
 def refused_cell() -> dict:
     """A cell the compiler refuses as configured (a refusal takes seconds) and that a change makes fit."""
-    cells = [c for c in table()["cells"] if c["change"] and not c["base"]["compiled"] and c["base"]["compile_s"] > 0]
+    cells = [c for c in table()["cells"]
+             if c["change"] and not c["base"]["compiled"] and not c["base"]["state_over_hbm"]]
     return min(cells, key=lambda c: c["changed"]["compile_s"])
 
 
