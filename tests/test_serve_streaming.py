@@ -19,10 +19,18 @@ openai = pytest.importorskip("openai")
 from data_helpers import EDGE_TEXTS, train_small_tokenizer  # noqa: E402
 from test_serve import client, start_server  # noqa: E402
 from xinst_jax.data.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
+from xinst_jax.infer.job import output_text  # noqa: E402
+from xinst_jax.infer.sampling import SamplingSettings  # noqa: E402
 from xinst_jax.serve.detok import IncrementalDecoder, StopText, token_pieces  # noqa: E402
-from xinst_jax.serve.server import cut_at_stops  # noqa: E402
 
 MIXED = "ภาษาไทย 🙂 Kiswahili தமிழ் Tiếng Việt"
+
+
+def cut_at_stops(text: str, stops: list[str]) -> str:
+    """The whole answer's rule, restated here as the reference: cut before the earliest stop string."""
+    return text[:min([text.find(s) for s in stops if s in text], default=len(text))]
+
+GREEDY = SamplingSettings(max_new_tokens=8, temperature=0.0)
 
 
 # --------------------------------------------------------------------------- text, piece by piece
@@ -55,7 +63,9 @@ def test_sentencepiece_pieces_join_to_the_decoded_text(tmp_path):
     ("no stop here", ["zz", "q"]), ("ends with a partial st", ["stop"]), ("ภาษาไทย🙂x", ["🙂"]),
 ])
 def test_streamed_text_is_cut_where_the_whole_answer_is(text, stops):
-    want = cut_at_stops(text, stops)[0]
+    want = cut_at_stops(text, stops)
+    assert output_text(ByteTokenizer(), ByteTokenizer().encode(text, add_special_tokens=False), "length",
+                       GREEDY, stops) == (want, "stop" if want != text else "length")
     for cut_points in itertools.combinations(range(1, len(text)), min(3, len(text) - 1)):
         bounds = [0, *cut_points, len(text)]
         stop = StopText(stops)
@@ -76,7 +86,6 @@ def test_engine_reports_each_token_once_as_it_decodes():
 
     from test_generate import random_prompts, tiny_cfg, tiny_params
     from xinst_jax.infer.generate import Engine
-    from xinst_jax.infer.sampling import SamplingSettings
 
     cfg = tiny_cfg()
     engine = Engine(tiny_params(cfg, seed=2), cfg, batch_size=4, buckets=(8,), refill_size=2, schedule="continuous")
@@ -175,7 +184,7 @@ def test_stream_stops_where_the_plain_answer_stops(server):
     stop = next(text[i:i + 2] for i in range(8, len(text) - 2) if "\ufffd" not in text[i:i + 2])
     plain = c.completions.create(**ask, stop=[stop])
     chunks, finish, _ = timed_stream(c.completions.create(**ask, stop=[stop], stream=True), chat=False)
-    assert joined(chunks) == {0: plain.choices[0].text} and plain.choices[0].text == cut_at_stops(text, [stop])[0]
+    assert joined(chunks) == {0: plain.choices[0].text} and plain.choices[0].text == cut_at_stops(text, [stop])
     assert finish == {0: "stop"} and plain.choices[0].finish_reason == "stop"
     # echo: the prompt goes out first
     echoed, _, _ = timed_stream(c.completions.create(**ask, echo=True, stream=True), chat=False)

@@ -22,8 +22,8 @@ import jax
 import numpy as np
 
 from xinst_jax.infer.buckets import pick_bucket
-from xinst_jax.infer.generate import FINISH_NAMES, BatchTiming
-from xinst_jax.infer.sampling import SamplingSettings
+from xinst_jax.infer.generate import FINISH_NAMES, BatchTiming, Progress
+from xinst_jax.infer.sampling import SamplingSettings, row_keys
 
 if TYPE_CHECKING:
     from xinst_jax.infer.generate import Engine
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 # (the row's tokens new since its last report, its finish reason once it finished, else None); on
 # the schedule's thread. A row's reports join to its tokens, each token reported once.
 Report = Callable[[list[int], Optional[str]], None]
+# (row index, all its tokens, its finish reason): once per row, when it finishes
+Finished = Callable[[int, list[int], str], None]
 
 
 @dataclasses.dataclass
@@ -42,6 +44,28 @@ class SlotRow:
     limit: int  # max new tokens (capped at the settings' max_new_tokens)
     report: Report  # called when it finishes; also after every chunk that gave it tokens when `stream`
     stream: bool = False
+
+
+def slot_rows(prompts: Sequence[Sequence[int]], limits: Sequence[int], seed: int, row_ids: Sequence[int],
+              finished: Finished, progress: Optional[Progress] = None) -> list[SlotRow]:
+    """One SlotRow per prompt, in order, with the PRNG key static batching gives it (seed, row id)
+    and a report that gathers its tokens: `progress(i, new tokens, finish)` hears every report (the
+    row then streams), `finished(i, tokens, finish)` the whole row once, after the last."""
+    keys = np.asarray(row_keys(seed, np.asarray(row_ids, np.int64).astype(np.uint32)))
+
+    def report_to(i: int) -> Report:
+        tokens: list[int] = []
+
+        def report(new: list[int], finish: Optional[str]) -> None:
+            tokens.extend(new)
+            if progress is not None:
+                progress(i, new, finish)
+            if finish is not None:
+                finished(i, tokens, finish)
+        return report
+
+    return [SlotRow(prompt, keys[i], limit, report_to(i), stream=progress is not None)
+            for i, (prompt, limit) in enumerate(zip(prompts, limits))]
 
 
 class ContinuousSchedule:

@@ -115,6 +115,15 @@ class BatchTiming:
     chunks: int = 0  # continuous: decode-loop calls (returns to the host)
 
 
+def ends_row(context: Sequence[int], settings: SamplingSettings) -> bool:
+    """The decode loop's stop rule (`select`, `_select_rows`) on the host, for the newest token of
+    `context` (the prompt as the engine uses it, then the tokens generated so far): a stop token,
+    or the last token of a stop sequence, which may begin in the prompt. (min_new_tokens is no
+    part of it: it keeps stop tokens from being chosen.)"""
+    return context[-1] in settings.stop_token_ids or any(
+        len(q) <= len(context) and tuple(context[-len(q):]) == tuple(q) for q in settings.stop_sequences)
+
+
 def decode_segments(n_new: int, max_segments: int, min_steps: int) -> list[int]:
     """End (exclusive) of each decode-loop segment over the loop's steps 1 .. n_new-1 (the first
     token comes from the prefill logits): at most `max_segments`, each at least `min_steps` steps
@@ -584,27 +593,19 @@ class Engine:
         (shortest first, so prefill groups share buckets), sized for the largest of them, run
         until all finished. One device-to-host read per chunk, not per token (with `progress`,
         that read also takes the running rows' new tokens)."""
-        from xinst_jax.infer.continuous import SlotRow
+        from xinst_jax.infer.continuous import slot_rows
 
         n = len(prompts)
         used, truncated = zip(*(self.fit(p) for p in prompts))
         tokens_out: list[list[int]] = [[] for _ in range(n)]
         finish_out = ["length"] * n
         schedule = self.continuous(settings, bucket=pick_bucket(max(used), self.buckets), chunk_steps=chunk_steps)
-        keys = np.asarray(row_keys(settings.seed, np.asarray(row_ids, np.int64).astype(np.uint32)))
 
-        def report_to(i: int):
-            def report(new: list[int], finish: Optional[str]) -> None:
-                tokens_out[i].extend(new)
-                if finish is not None:
-                    finish_out[i] = finish
-                if progress is not None:
-                    progress(i, new, finish)
-            return report
+        def finished(i: int, tokens: list[int], finish: str) -> None:
+            tokens_out[i], finish_out[i] = tokens, finish
 
-        order = sorted(range(n), key=lambda i: used[i])
-        schedule.add(SlotRow(prompts[i], keys[i], limits[i], report_to(i), stream=progress is not None)
-                     for i in order)
+        rows = slot_rows(prompts, limits, settings.seed, row_ids, finished, progress)
+        schedule.add(rows[i] for i in sorted(range(n), key=lambda i: used[i]))
         while schedule.step():
             pass
         self.timings.append(schedule.timing())

@@ -56,7 +56,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 from xinst_jax import paths
 from xinst_jax.config import CONFIG_DIR, Config, ConfigError, DataInputConfig, ModelConfig
@@ -201,15 +201,21 @@ def sampling_settings(cfg: Config, model: ModelConfig, tokenizer) -> "Any":
     return settings
 
 
-def output_text(tokenizer, tokens: list[int], finish: str, settings, stop_strings: list[str]) -> tuple[str, str]:
-    """Decoded text without the stop token, cut at the first stop string."""
+def first_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> Optional[int]:
+    """Where the first stop string found in text[start:] begins (an index into `text`), None when
+    none is there: the one stop-string rule of whole answers (`output_text`) and streamed ones
+    (serve/detok.StopText)."""
+    found = [i for i in (text.find(s, start) for s in stop_strings if s) if i >= 0]
+    return min(found) if found else None
+
+
+def output_text(tokenizer, tokens: list[int], finish: str, settings, stop_strings: Sequence[str]) -> tuple[str, str]:
+    """Decoded text without the stop token, cut at the first stop string (then finished "stop")."""
     if finish == "stop" and tokens and tokens[-1] in settings.stop_token_ids:
         tokens = tokens[:-1]
     text = tokenizer.decode(tokens)
-    cuts = [text.find(s) for s in stop_strings if s and s in text]
-    if cuts:
-        text, finish = text[:min(cuts)], "stop"
-    return text, finish
+    cut = first_stop(text, stop_strings)
+    return (text, finish) if cut is None else (text[:cut], "stop")
 
 
 def _validate(cfg: Config) -> Path:

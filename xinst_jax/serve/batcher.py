@@ -30,9 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-import numpy as np
-
-from xinst_jax.infer.sampling import SamplingSettings, row_keys
+from xinst_jax.infer.sampling import SamplingSettings
 
 
 class QueueFull(Exception):
@@ -166,30 +164,21 @@ class Batcher:
     def _enter(self, schedule: Any, work: Work, entered: list[Work]) -> bool:
         """Queue `work`'s rows in `schedule`; its future is answered when the last one finishes.
         False when the work failed instead (its future holds the error)."""
-        from xinst_jax.infer.continuous import SlotRow
+        from xinst_jax.infer.continuous import slot_rows
 
         results: list[Optional[tuple]] = [None] * len(work.rows)
-        tokens: list[list[int]] = [[] for _ in work.rows]
         left = [len(work.rows)]
 
-        def report_to(j: int):
-            used, truncated = self.engine.fit(work.rows[j])
-
-            def report(new: list[int], finish: Optional[str]) -> None:
-                tokens[j].extend(new)
-                if work.on_tokens is not None:  # before the result: a stream's last event precedes its end
-                    work.on_tokens(j, new, finish)
-                if finish is not None:
-                    results[j] = (tokens[j], finish, used, truncated)
-                    left[0] -= 1
-                    if left[0] == 0:
-                        work.future.set_result(results)
-            return report
+        # called after the row's last on_tokens: a stream's last event precedes its end
+        def finished(j: int, tokens: list[int], finish: str) -> None:
+            results[j] = (tokens, finish, *self.engine.fit(work.rows[j]))
+            left[0] -= 1
+            if left[0] == 0:
+                work.future.set_result(results)
 
         try:
-            keys = np.asarray(row_keys(work.settings.seed, np.asarray(work.row_ids, np.int64).astype(np.uint32)))
-            schedule.add([SlotRow(prompt, keys[j], limit, report_to(j), stream=work.on_tokens is not None)
-                          for j, (prompt, limit) in enumerate(zip(work.rows, work.limits))])
+            schedule.add(slot_rows(work.rows, work.limits, work.settings.seed, work.row_ids, finished,
+                                   work.on_tokens))
         except Exception as e:  # noqa: BLE001 (this request alone fails: add checks before it queues)
             work.future.set_exception(e)
             return False

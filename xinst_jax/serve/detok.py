@@ -7,12 +7,14 @@ reaches back to the previous release and releases the new text only once it no l
 incomplete character (U+FFFD): the pieces join to `tokenizer.decode(all tokens)`.
 
 `StopText` then holds back any tail that may be the start of a stop string, so a streamed answer
-is cut exactly where the whole answer is cut (`server.cut_at_stops`).
+is cut exactly where the whole answer is cut (both by `infer.job.first_stop`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
+
+from xinst_jax.infer.job import first_stop
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
@@ -73,16 +75,12 @@ class StopText:
         if self.stopped:
             return ""
         self.text += piece
-        cut = self._first_stop()
+        cut = first_stop(self.text, self.stops, self.sent)
         pending = len(self.text) if last else len(self.text) - self._held()
         if cut is not None and cut <= pending:  # no longer stop string can still start before it
             self.stopped = True
             return self._release(cut)
         return self._release(pending)
-
-    def _first_stop(self) -> Optional[int]:
-        found = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        return min(found) if found else None
 
     def _held(self) -> int:
         """The longest tail of the text that a stop string starts with (it may yet become one)."""

@@ -48,7 +48,7 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from fastapi import Request  # at module level: the handlers' annotations are resolved from here
 
@@ -56,6 +56,9 @@ from xinst_jax.config import Config, ConfigError
 from xinst_jax.jobs import register_job
 from xinst_jax.serve.detok import token_pieces
 from xinst_jax.tasks import Task
+
+if TYPE_CHECKING:
+    from xinst_jax.serve.batcher import Work
 
 log = logging.getLogger(__name__)
 
@@ -197,19 +200,21 @@ def chat_prompt_tokens(service: Service, body: dict) -> list[int]:
     return task.prompt_tokens({"instruction": instruction, "lang": lang})
 
 
-def cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stops if s in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
+def generate_work(service: Service, prompts: list[list[int]], n: int, settings, max_tokens: int,
+                  seeded: bool) -> Work:
+    """The batcher's work for `n` samples of each prompt (rows prompt by prompt): a seeded request's
+    rows are numbered 0.. (its samples repeat with the seed), an unseeded one's are fresh ids."""
+    from xinst_jax.serve.batcher import Work
+
+    rows = [p for p in prompts for _ in range(n)]
+    ids = list(range(len(rows))) if seeded else service.batcher.fresh_row_ids(len(rows))
+    return Work("generate", rows, settings, [max(max_tokens, 1)] * len(rows), ids)
 
 
 async def run_generate(service: Service, prompts: list[list[int]], n: int, settings, max_tokens: int,
                        seeded: bool) -> list[list[tuple]]:
     """[prompt][sample] -> (tokens, finish, prompt_len, truncated)."""
-    from xinst_jax.serve.batcher import Work
-
-    rows = [p for p in prompts for _ in range(n)]
-    ids = list(range(len(rows))) if seeded else service.batcher.fresh_row_ids(len(rows))
-    work = Work("generate", rows, settings, [max(max_tokens, 1)] * len(rows), ids)
+    work = generate_work(service, prompts, n, settings, max_tokens, seeded)
     result = await asyncio.wrap_future(service.batcher.submit(work))
     return [result[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -226,14 +231,12 @@ def start_stream(service: Service, prompts: list[list[int]], n: int, settings, m
     """A streamed generation's response (streaming.py); raises QueueFull before it starts."""
     from fastapi.responses import StreamingResponse
 
-    from xinst_jax.serve.batcher import Work
     from xinst_jax.serve.streaming import RowText, Stream, stream_events, submit_streamed
 
     include_usage = _include_usage(body)
-    rows = [p for p in prompts for _ in range(n)]
-    ids = list(range(len(rows))) if seeded else service.batcher.fresh_row_ids(len(rows))
-    events, future = submit_streamed(service.batcher, Work("generate", rows, settings, [max_tokens] * len(rows), ids))
-    texts = [RowText(service.tokenizer, stops, service.base_settings.stop_token_ids) for _ in rows]
+    work = generate_work(service, prompts, n, settings, max_tokens, seeded)
+    events, future = submit_streamed(service.batcher, work)
+    texts = [RowText(service.tokenizer, stops, service.base_settings.stop_token_ids) for _ in work.rows]
     stream = Stream(service.cfg.serve.model_name, chat, texts, sum(len(p) for p in prompts), include_usage)
     return StreamingResponse(stream_events(stream, events, future, heads), media_type="text/event-stream")
 
@@ -245,12 +248,11 @@ def _include_usage(body: dict) -> bool:
     return bool(options.get("include_usage", False))
 
 
-def decode_text(service: Service, tokens: list[int], finish: str, stops: list[str]) -> tuple[str, str]:
-    stop_ids = service.base_settings.stop_token_ids
-    if finish == "stop" and tokens and tokens[-1] in stop_ids:
-        tokens = tokens[:-1]
-    text, cut = cut_at_stops(service.tokenizer.decode(tokens), stops)
-    return text, "stop" if cut else finish
+def answer_text(service: Service, tokens: list[int], finish: str, stops: list[str]) -> tuple[str, str]:
+    """(text, finish reason) of generated tokens, as the generate job writes them."""
+    from xinst_jax.infer.job import output_text
+
+    return output_text(service.tokenizer, tokens, finish, service.base_settings, stops)
 
 
 # --------------------------------------------------------------------------- the app
@@ -321,14 +323,14 @@ def build_app(service: Service):
         settings = service.settings_for(body)
         seeded = body.get("seed") is not None
         if body.get("stream") and logprobs is None and max_tokens > 0:
-            heads = [service.tokenizer.decode(p) for p in prompts for _ in range(n)] if echo else []
+            heads = [head for head in map(service.tokenizer.decode, prompts) for _ in range(n)] if echo else []
             try:
                 return start_stream(service, prompts, n, settings, max_tokens, seeded, stops, body, chat=False,
                                     heads=heads)
             except QueueFull as e:
                 return overloaded(e)
         try:
-            if logprobs is not None and max_tokens == 1 and settings.greedy and not settings.min_new_tokens:
+            if logprobs is not None and one_token_from_scoring(service, prompts, settings, max_tokens):
                 choices = await next_token_choices(service, prompts, n, stops, echo)
             else:
                 choices = await completion_choices(service, prompts, n, settings, max_tokens, seeded, stops, echo,
@@ -367,7 +369,7 @@ def build_app(service: Service):
             return overloaded(e)
         choices, completion = [], 0
         for j, (tokens, finish, _, _) in enumerate(generated[0]):
-            text, finish = decode_text(service, list(tokens), finish, stops)
+            text, finish = answer_text(service, list(tokens), finish, stops)
             completion += len(tokens)
             choices.append({"index": j, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
         response = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -388,19 +390,28 @@ async def completion_choices(service: Service, prompts: list[list[int]], n: int,
         generated = await run_generate(service, prompts, n, settings, max_tokens, seeded)
     else:
         generated = [[([], "length", len(p), False)] * n for p in prompts]
+    heads = [service.tokenizer.decode(p) if echo else "" for p in prompts]
     choices = []
     for i, p in enumerate(prompts):
         for j, (tokens, finish, _, _) in enumerate(generated[i]):
             tokens = list(tokens)[:max_tokens]
-            text, finish = decode_text(service, tokens, finish, stops)
-            choice = {"text": (service.tokenizer.decode(p) if echo else "") + text,
-                      "index": i * n + j, "logprobs": None, "finish_reason": finish}
+            text, finish = answer_text(service, tokens, finish, stops)
+            choice = {"text": heads[i] + text, "index": i * n + j, "logprobs": None, "finish_reason": finish}
             choices.append((choice, p, tokens))
     if logprobs:
         scored = await run_score(service, [p + tokens for _, p, tokens in choices])
-        for (choice, p, tokens), (lps, tops, top_lps) in zip(choices, scored):
-            choice["logprobs"] = logprob_block(service, p, tokens, lps, tops, top_lps, echo)
+        pieces = [token_pieces(service.tokenizer, p) for p in prompts]  # once per prompt, not per sample
+        for k, ((choice, _, tokens), (lps, tops, top_lps)) in enumerate(zip(choices, scored)):
+            choice["logprobs"] = logprob_block(service, pieces[k // n], tokens, lps, tops, top_lps, echo)
     return choices
+
+
+def one_token_from_scoring(service: Service, prompts: list[list[int]], settings, max_tokens: int) -> bool:
+    """Whether `next_token_choices` gives what generating would: one greedy token, no
+    min_new_tokens (it may hold a stop token back), and every prompt used whole (generate keeps
+    only the end of a prompt longer than the largest bucket, `Engine.fit`; scoring would not)."""
+    return (max_tokens == 1 and settings.greedy and not settings.min_new_tokens
+            and not any(service.engine.fit(p)[1] for p in prompts))
 
 
 async def next_token_choices(service: Service, prompts: list[list[int]], n: int, stops: list[str], echo: bool
@@ -410,31 +421,35 @@ async def next_token_choices(service: Service, prompts: list[list[int]], n: int,
     argmax at the prompt's end in the scoring pass itself (a placeholder token appended: causal
     attention keeps it out of that prediction), so one forward answers instead of a prefill, a
     decode step and the scoring. Greedy decoding takes the same argmax (up to float near-ties
-    between the KV-cache and the full forward); requests with min_new_tokens go the long way."""
+    between the KV-cache and the full forward), and the decode loop's stop rule (`ends_row`) says
+    whether it finished the answer; `one_token_from_scoring` says when this applies."""
+    from xinst_jax.infer.generate import ends_row
+
     settings = service.base_settings
     scored = await run_score(service, [p + [settings.pad_id] for p in prompts])
     choices = []
     for i, (p, (lps, tops, top_lps)) in enumerate(zip(prompts, scored)):
         token = int(tops[-1])
         lps = [*lps[:-1], top_lps[-1]]  # the placeholder's log p -> the chosen token's
-        stopped = token in settings.stop_token_ids or (token,) in settings.stop_sequences
-        text, finish = decode_text(service, [token], "stop" if stopped else "length", stops)
-        block = logprob_block(service, p, [token], lps, tops, top_lps, echo)
+        text, finish = answer_text(service, [token], "stop" if ends_row(p + [token], settings) else "length", stops)
+        block = logprob_block(service, token_pieces(service.tokenizer, p), [token], lps, tops, top_lps, echo)
+        head = service.tokenizer.decode(p) if echo else ""
         for j in range(n):
-            choice = {"text": (service.tokenizer.decode(p) if echo else "") + text, "index": i * n + j,
-                      "logprobs": block, "finish_reason": finish}
+            choice = {"text": head + text, "index": i * n + j, "logprobs": block, "finish_reason": finish}
             choices.append((choice, p, [token]))
     return choices
 
 
-def logprob_block(service: Service, prompt: list[int], tokens: list[int], lps, tops, top_lps, echo: bool) -> dict:
+def logprob_block(service: Service, prompt_pieces: list[str], tokens: list[int], lps, tops, top_lps,
+                  echo: bool) -> dict:
     """OpenAI's completions `logprobs`: per token its text, log p, the most likely token with its
     log p (`top_logprobs`) and its character offset. With echo the prompt's tokens come first (the
-    first has no log p). A token's text is its share of the decoded text (detok.token_pieces), so
-    the prompt's join to the echoed prompt and `text_offset` (counted from the prompt's start, as
-    OpenAI does) points at each token's text even when tokens split characters."""
-    first = 0 if echo else len(prompt)
-    texts = token_pieces(service.tokenizer, prompt) + token_pieces(service.tokenizer, tokens)
+    first has no log p). A token's text is its share of the decoded text (detok.token_pieces; the
+    prompt's `prompt_pieces`, computed once per prompt), so the prompt's join to the echoed prompt
+    and `text_offset` (counted from the prompt's start, as OpenAI does) points at each token's text
+    even when tokens split characters."""
+    first = 0 if echo else len(prompt_pieces)
+    texts = prompt_pieces + token_pieces(service.tokenizer, tokens)
     token_lps: list[Optional[float]] = [None] + [float(x) for x in lps]
     top: list[Optional[dict]] = [None] + [{service.tokenizer.decode([int(t)]): float(v)} for t, v in zip(tops, top_lps)]
     offsets, at = [], 0
