@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="X-Instruction in JAX: cross-lingual instruction curation and pjit-sharded LLaMA training",
     packages=find_packages(include=["xinst_jax", "xinst_jax.*"]),
+    package_data={"xinst_jax.eval": ["lm_eval_tasks/*"]},  # lm-eval task YAMLs (eval.xcopa through lm-eval)
     python_requires=">=3.11",
     install_requires=[
         # The code runs on jax 0.10 and 0.11 (TPU VMs, CUDA hosts and CPU alike).

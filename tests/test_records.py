@@ -172,6 +172,21 @@ def test_located_records_and_kept_bad_lines(tmp_path):
         list(reader(strict=True, strict_key="generate.strict").read([DataInputConfig(path=str(second))]))
 
 
+def test_a_copy_is_named_as_the_file_it_copies(tmp_path, caplog):
+    """shown_as: a local copy of a URL (paths.read_once) is named as the URL in skipped-line
+    warnings, kept bad lines, stats, located records and strict errors; never as the copy."""
+    copy = write_jsonl(tmp_path / "copy.jsonl", ["{oops", GOOD[0]])
+    url = "gs://bucket/pairs/in.jsonl"
+    r = reader(keep_bad=1, shown_as={str(copy): url})
+    with caplog.at_level(logging.WARNING):
+        located = list(r.read_located([DataInputConfig(path=str(copy))]))
+    assert [(x.source, x.line) for x in located] == [(url, 2)] and r.stats[0].source == url
+    assert r.bad == [f"{url}:1: -: malformed_json (Expecting property name enclosed in double quotes at column 2)"]
+    assert f"skipped {url}:1: -: malformed_json" in caplog.text and str(copy) not in caplog.text
+    with pytest.raises(DataError, match=r"^gs://bucket/pairs/in.jsonl:1: -: malformed_json"):
+        list(reader(strict=True, shown_as={str(copy): url}).read([DataInputConfig(path=str(copy))]))
+
+
 def test_ids_and_langs_the_caller_requires(tmp_path):
     rows = [{"id": 5, "prompt": "p"}, {"prompt": "no id"}, {"id": "x", "prompt": "p", "lang": "XX"},
             {"id": "y", "prompt": "z" * 51}]

@@ -214,14 +214,7 @@ def read_once(files: Sequence[Any]) -> Iterator[list[tuple[str, str]]]:
     removed on exit, and hashed on the way (not fetched once to hash and again to read). A local file
     is hashed and used in place (reading it twice costs no transfer)."""
     with tempfile.TemporaryDirectory(prefix="xinst_jax_input-") as tmp:
-        yield [_hashed_copy(f, tmp) if is_remote(f) else (str(f), _hash_stream(f)) for f in files]
-
-
-def given_names(text: str, files: Sequence[Any], copies: Sequence[str]) -> str:
-    """`text` (a reader's error) naming each of read_once's local copies as the file it copies."""
-    for given, copy in zip(files, copies):
-        text = text.replace(copy, str(given))
-    return text
+        yield [_hashed_copy(f, tmp) if is_remote(f) else (str(f), file_sha256(f)) for f in files]
 
 
 def _hashed_copy(url: Any, tmp: str) -> tuple[str, str]:
@@ -230,10 +223,10 @@ def _hashed_copy(url: Any, tmp: str) -> tuple[str, str]:
     local = os.path.join(tmp, *str(url).split("://", 1))
     os.makedirs(os.path.dirname(local), exist_ok=True)
     with builtins.open(local, "wb") as sink:
-        return local, _hash_stream(url, sink)
+        return local, file_sha256(url, sink)
 
 
-def _hash_stream(path: Any, sink: IO | None = None) -> str:
+def file_sha256(path: Any, sink: IO | None = None) -> str:
     """sha256 of a file's bytes, read in blocks; each block also written to `sink` when given."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xinst_jax import paths
+from xinst_jax.paths import file_sha256  # noqa: F401 - the stages' fingerprint of an input file
 from xinst_jax.config import ConfigError
 
 
@@ -30,14 +31,6 @@ def write_atomic(path: Any, data: bytes) -> None:
 
 def write_json(path: Any, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-
-
-def file_sha256(path: Any) -> str:
-    digest = hashlib.sha256()
-    with paths.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shard_ranges(num_records: int, shard_size: int) -> list[tuple[int, int]]:

@@ -74,7 +74,7 @@ from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError, DataInputConfig
 from xinst_jax.curate.candidates import stage_dir
 from xinst_jax.curate.counts import StageCounts
-from xinst_jax.data.records import DataError, RecordReader, glob_files
+from xinst_jax.data.records import RecordReader, glob_files
 from xinst_jax.jobs import register_job
 from xinst_jax.shards import check_manifest, file_sha256, write_atomic, write_json
 
@@ -141,16 +141,13 @@ class Pairs:
 def read_pairs(cfg: Config, path: str, files: list[str], copies: list[str]) -> Pairs:
     """The pairs of the input `path`: its `files`, read from `copies` (paths.read_once's)."""
     reader = RecordReader(cfg.data.languages, cfg.data.max_chars, cfg.data.strict, required=("instruction", "output"),
-                          require_id=True, strict_key="data.strict")
+                          require_id=True, strict_key="data.strict", shown_as=dict(zip(copies, map(str, files))))
     out = []
-    try:
-        for rec in reader.read([DataInputConfig(path=f) for f in copies]):
-            meta = rec["meta"]
-            out.append({"index": len(out), "id": rec["id"], "lang": rec["lang"], "instruction": rec["instruction"],
-                        "output": rec["output"], "score": _number(meta.get("score")), "round": meta.get("round"),
-                        "source_id": meta.get("source_id", rec["id"])})
-    except DataError as e:
-        raise DataError(paths.given_names(str(e), files, copies)) from None
+    for rec in reader.read([DataInputConfig(path=f) for f in copies]):
+        meta = rec["meta"]
+        out.append({"index": len(out), "id": rec["id"], "lang": rec["lang"], "instruction": rec["instruction"],
+                    "output": rec["output"], "score": _number(meta.get("score")), "round": meta.get("round"),
+                    "source_id": meta.get("source_id", rec["id"])})
     totals = reader.totals()
     key = "curate.diversify.input"
     if totals["in"] == 0:

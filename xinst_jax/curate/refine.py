@@ -48,7 +48,7 @@ from typing import Any
 from xinst_jax import paths
 from xinst_jax.config import Config, ConfigError, DataInputConfig
 from xinst_jax.curate.candidates import stage_dir
-from xinst_jax.data.records import DataError, RecordReader
+from xinst_jax.data.records import RecordReader
 from xinst_jax.jobs import register_job
 from xinst_jax.shards import (check_manifest, read_done_marker, shard_paths, shard_ranges,
                               shards_for_process, write_atomic, write_json, write_shard)
@@ -73,16 +73,14 @@ def read_candidates(cfg: Config, path: Any) -> tuple[list[dict], str]:
     """Candidates in file order, each with its `index`, and the sha256 of the file (for the
     manifest), from one read of it; bad lines are an error naming file:line:field (the candidates
     job wrote this file, so a bad line means it was edited or truncated)."""
-    reader = RecordReader(cfg.data.languages, sys.maxsize, strict=True, required=("instruction", "output"),
-                          require_id=True, strict_key="refine (candidates are read strictly)")
     out = []
     with paths.read_once([str(path)]) as [(local, sha256)]:
-        try:
-            for i, rec in enumerate(reader.read([DataInputConfig(path=local)])):
-                out.append({"index": i, "id": rec["id"], "lang": rec["lang"], "instruction": rec["instruction"],
-                            "output": rec["output"], "source_id": rec["meta"].get("source_id", rec["id"])})
-        except DataError as e:
-            raise DataError(paths.given_names(str(e), [path], [local])) from None
+        reader = RecordReader(cfg.data.languages, sys.maxsize, strict=True, required=("instruction", "output"),
+                              require_id=True, strict_key="refine (candidates are read strictly)",
+                              shown_as={local: str(path)})
+        for i, rec in enumerate(reader.read([DataInputConfig(path=local)])):
+            out.append({"index": i, "id": rec["id"], "lang": rec["lang"], "instruction": rec["instruction"],
+                        "output": rec["output"], "source_id": rec["meta"].get("source_id", rec["id"])})
     if not out:
         raise ConfigError(f"curate.candidates: {path} holds no candidates")
     return out, sha256

@@ -146,14 +146,17 @@ class RecordReader:
     require_id: a row without `id` is bad (missing_field:id) instead of getting `<file>:<line>`;
     require_lang: `lang` must be present and one of `languages` (else taken as given, "" if absent);
     keep_bad: this many bad-line descriptions are kept for reports (`bad`), all sources together.
+    shown_as: file path -> the name that messages, stats and `bad` give it (a local copy of a URL
+    is named as the URL).
     """
 
     def __init__(self, languages: Sequence[str], max_chars: int, strict: bool = False,
                  required: Sequence[str] = ("instruction", "output"), any_of: Sequence[str] = (),
                  allowed: Optional[dict[str, Sequence[str]]] = None, log_first: int = LOG_FIRST,
                  require_id: bool = False, require_lang: bool = True, keep_bad: int = 0,
-                 strict_key: str = "data.strict"):
+                 strict_key: str = "data.strict", shown_as: Optional[dict[str, str]] = None):
         self.languages = set(languages)
+        self.shown_as = dict(shown_as or {})
         self.max_chars = max_chars
         self.strict = strict
         self.required = tuple(required)
@@ -198,7 +201,7 @@ class RecordReader:
                 rows = _parquet_rows(path)
             else:
                 raise DataError(f"{key}.path: {path}: unsupported file type (expected {', '.join(FILE_SUFFIXES)})")
-            yield from self._read_source(path, rows, inp, index)
+            yield from self._read_source(self.shown_as.get(path, path), rows, inp, index)
 
     def totals(self) -> dict:
         skipped: collections.Counter = collections.Counter()
