@@ -292,36 +292,3 @@ def test_chat_prompt_is_the_trainers_prompt_in_either_style(language):
     assert "AI assistant" in tok.decode(got[True]) and "AI assistant" not in tok.decode(got[False])
     assert ("Answer in Swahili" in tok.decode(got[False])) == (language == "sw")
 
-
-def test_one_token_fast_path_stops_and_truncates_as_generate():
-    """The one-token fast path (`next_token_choices`) takes generate's rules: its stop rule
-    (`ends_row`) says what the decode loop says for the same token, a stop token or a stop
-    sequence that begins in the prompt alike, and it answers only prompts the engine uses whole."""
-    import dataclasses
-
-    from test_generate import random_prompts, tiny_cfg, tiny_params
-    from xinst_jax.infer.generate import Engine, ends_row
-    from xinst_jax.infer.sampling import SamplingSettings
-    from xinst_jax.serve.server import Service, one_token_from_scoring
-
-    cfg = tiny_cfg()
-    engine = Engine(tiny_params(cfg, seed=2), cfg, batch_size=2, buckets=(8,), schedule="static")
-    prompt = random_prompts(cfg.vocab_size, [6], seed=3)[0]
-    greedy = SamplingSettings(max_new_tokens=1, temperature=0.0, no_repeat_ngram=0)
-    token = engine.generate([prompt], greedy).tokens[0][0]
-    cases = {"stop token": dict(stop_token_ids=(token,)),
-             "sequence from the prompt": dict(stop_sequences=((prompt[-2], prompt[-1], token),)),
-             "sequence not ending here": dict(stop_sequences=((prompt[-1], token, token),)),
-             "sequence from the padding": dict(stop_sequences=((greedy.pad_id,) * 2 + tuple(prompt) + (token,),))}
-    for name, stops in cases.items():
-        settings = dataclasses.replace(greedy, **stops)
-        out = engine.generate([prompt], settings)
-        assert out.tokens[0] == [token], name
-        assert ends_row(prompt + [token], settings) == (out.finish_reasons[0] == "stop"), name
-    assert [ends_row(prompt + [token], dataclasses.replace(greedy, **cases[k])) for k in cases] == [
-        True, True, False, False]
-    service = Service(cfg=None, engine=engine, tokenizer=None, model=cfg, batcher=None, base_settings=greedy)
-    long = random_prompts(cfg.vocab_size, [9], seed=4)[0]  # generate would keep its last 8 tokens
-    assert one_token_from_scoring(service, [prompt, long[1:]], greedy, 1)
-    assert not one_token_from_scoring(service, [prompt, long], greedy, 1)
-    assert not one_token_from_scoring(service, [prompt], dataclasses.replace(greedy, min_new_tokens=1), 1)

@@ -3,6 +3,7 @@ random model: a request that arrives while a long one decodes joins its schedule
 chunk boundary and finishes first; admitted rows (greedy, and sampled with two seeds in one
 schedule) get exactly the tokens they get alone; requests that cannot join wait for the schedule
 to drain and are still right; an admitted streamed request's chunks join to its plain answer.
+Also on this engine: the one-token fast path's stop rule and truncation against generate's.
 
 The tests hold the schedule after its first chunk (`Gate`) and submit while it is held, so what
 is admitted does not depend on timing."""
@@ -204,3 +205,31 @@ def test_an_admitted_streamed_request_streams_its_plain_answer(engine, prompts, 
     assert [t for new, _ in reports for t in new] == tokens  # each token once, in order
     assert len(reports) >= 4 and all(1 <= len(new) <= 3 for new, _ in reports)  # chunk by chunk (2 steps)
     assert batcher.batches == 1 and batcher.admitted == 1  # it joined the long one's schedule
+
+
+def test_one_token_fast_path_stops_and_truncates_as_generate(engine, prompts):
+    """The one-token fast path (`next_token_choices`) takes generate's rules: its stop rule
+    (`ends_row`) says what the decode loop says for the same token, a stop token or a stop
+    sequence that begins in the prompt alike, and it answers only prompts the engine uses whole."""
+    from xinst_jax.infer.generate import ends_row
+    from xinst_jax.serve.server import Service, one_token_from_scoring
+
+    prompt = prompts[0]  # 5 tokens, bucket 8
+    greedy = dataclasses.replace(GREEDY, max_new_tokens=1)
+    token = engine.generate([prompt], greedy, schedule="static").tokens[0][0]
+    cases = {"stop token": dict(stop_token_ids=(token,)),
+             "sequence from the prompt": dict(stop_sequences=((prompt[-2], prompt[-1], token),)),
+             "sequence not ending here": dict(stop_sequences=((prompt[-1], token, token),)),
+             "sequence from the padding": dict(stop_sequences=((greedy.pad_id,) * 2 + tuple(prompt) + (token,),))}
+    for name, stops in cases.items():
+        settings = dataclasses.replace(greedy, **stops)
+        out = engine.generate([prompt], settings, schedule="static")
+        assert out.tokens[0] == [token], name
+        assert ends_row(prompt + [token], settings) == (out.finish_reasons[0] == "stop"), name
+    assert [ends_row(prompt + [token], dataclasses.replace(greedy, **cases[k])) for k in cases] == [
+        True, True, False, False]
+    service = Service(cfg=None, engine=engine, tokenizer=None, model=engine.cfg, batcher=None, base_settings=greedy)
+    long = random_prompts(engine.cfg.vocab_size, [17], seed=4)[0]  # generate would keep its last 16 tokens
+    assert one_token_from_scoring(service, [prompt, long[1:]], greedy, 1)
+    assert not one_token_from_scoring(service, [prompt, long], greedy, 1)
+    assert not one_token_from_scoring(service, [prompt], dataclasses.replace(greedy, min_new_tokens=1), 1)
