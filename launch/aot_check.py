@@ -30,7 +30,9 @@ carries it). It prints per chip the weight bytes, the KV-cache bytes, the bytes 
 by XLA's cost analysis, their ratio, the step time that implies at the chip's HBM bandwidth
 (decode is bandwidth-bound: every weight and every cache slot is read once per token), XLA's FLOP
 count against the matmul formula (they agree only if every layer is counted), and the compiled
-step's memory against the chip's HBM. Bytes accessed are counted on the step compiled without
+step's memory against the chip's HBM. `--read-len N` compiles the step as continuous batching
+runs rows of a shorter prompt bucket: the cache keeps `--context` slots, attention reads (and the
+write lands in) the first N only, and the figures are against that prefix. Bytes accessed are counted on the step compiled without
 memory-space assignment: with it, operands are staged in on-chip VMEM and the TPU cost analysis
 counts them again for the copy in and the read from VMEM, so only without it is the count the
 step's HBM traffic (both counts are printed). A ratio above `--max-ratio` fails.
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", metavar="OUT.md", help="write the fit table again from OUT.json (no compiling)")
     parser.add_argument("--batch", type=int, default=64, help="decode: rows decoded together")
     parser.add_argument("--context", type=int, default=2048, help="decode: KV-cache slots per row")
+    parser.add_argument("--read-len", type=int, default=None,
+                        help="decode: attention reads only the cache's first N slots, in place (continuous "
+                             "batching's rows of a shorter prompt bucket)")
     parser.add_argument("--weight-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="decode: the served weights' dtype (the Engine's weight_dtype)")
     parser.add_argument("--kv-dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -542,9 +547,10 @@ def _per_chip_bytes(tree) -> int:
     return total
 
 
-def decode_program(cfg, devices, batch: int, context: int, weight_dtype: str, kv_dtype: str):
+def decode_program(cfg, devices, batch: int, context: int, weight_dtype: str, kv_dtype: str,
+                   read_len: int | None = None):
     """One decode step as the Engine runs it, ready to lower: (jitted step, abstract arguments,
-    mesh, the inference model config). The step maps (params, cache, tokens [B, 1], positions [B, 1]) to (logits [B, V]
+    mesh, the inference model config); `read_len` as model.hidden takes it. The step maps (params, cache, tokens [B, 1], positions [B, 1]) to (logits [B, V]
     float32, cache advanced by one slot); the cache is donated."""
     import jax
     import jax.numpy as jnp
@@ -588,7 +594,7 @@ def decode_program(cfg, devices, batch: int, context: int, weight_dtype: str, kv
         # The body of Engine._decode_loop, less token selection: one new token per row.
         with activation_sharding(mesh, rules):
             model = nnx.merge(graphdef, params)
-            h, cache = model.hidden(tokens, positions, jnp.ones_like(tokens), cache)
+            h, cache = model.hidden(tokens, positions, jnp.ones_like(tokens), cache, read_len=read_len)
             return model.logits(h)[:, 0], Engine._constrain_cache(cache)
 
     cache_sh = jax.tree.map(lambda x: x.sharding, cache)
@@ -608,7 +614,9 @@ NO_VMEM_STAGING = {"xla_msa_enable": False}
 def check_decode(cfg, devices: list, generation: str, args) -> int:
     from xinst_jax.model.llama import count_params
 
-    fn, abstract, mesh, m = decode_program(cfg, devices, args.batch, args.context, args.weight_dtype, args.kv_dtype)
+    read = min(args.read_len or args.context, args.context)
+    fn, abstract, mesh, m = decode_program(cfg, devices, args.batch, args.context, args.weight_dtype, args.kv_dtype,
+                                           read)
     params, cache = abstract[0], abstract[1]
     lowered = fn.lower(*abstract)
     compiled = lowered.compile()  # as served: its memory, and its HLO for --dump-hlo
@@ -627,23 +635,26 @@ def check_decode(cfg, devices: list, generation: str, args) -> int:
     hbm = HBM_BYTES.get(generation)
     bandwidth = HBM_BANDWIDTH.get(generation)
     weight_bytes = _per_chip_bytes(params)
-    kv_bytes = _per_chip_bytes((cache.k, cache.v))
+    kv_bytes = _per_chip_bytes((cache.k, cache.v)) * read // args.context  # the slots a step reads
     live = weight_bytes + kv_bytes
     accessed = float(cost.get("bytes accessed", 0.0))
     ratio = accessed / live
     # The least a step can touch per chip: every weight but the embedding table (B rows of it are
     # gathered), the whole cache read, one new slot per row and layer written.
-    floor = weight_bytes - _per_chip_bytes(params["embed"]) + kv_bytes + kv_bytes // args.context
+    floor = weight_bytes - _per_chip_bytes(params["embed"]) + kv_bytes + kv_bytes // read
     # Matmul FLOPs for one token per row: 2 per weight (the embedding gather is no matmul) and
     # attention's two matmuls over every slot of the cache. XLA's count matching it shows that all
     # layers are counted (the decode model unrolls them; a scanned loop's body would count once).
     flops = (2 * args.batch * (count_params(m) - m.vocab_size * m.embed_dim)
-             + 4 * args.batch * args.context * m.num_heads * m.head_dim * m.num_layers) / chips
+             + 4 * args.batch * read * m.num_heads * m.head_dim * m.num_layers) / chips
     xla_flops = float(cost.get("flops", 0.0))
     print(f"{cfg.name} decode step: {count_params(m) / 1e9:.2f}B params ({args.weight_dtype}), KV cache "
-          f"{args.kv_dtype}, batch {args.batch} x {args.context} slots, {m.num_layers} unrolled layers, on "
+          f"{args.kv_dtype}, batch {args.batch} x {args.context} slots{f' (reading {read})' if read < args.context else ''}, "
+          f"{m.num_layers} unrolled layers, on "
           f"{args.topology} ({chips} chips, {devices[0].device_kind}), mesh {dict(mesh.shape)}")
-    print(f"per chip: weights {weight_bytes / GIB:.3f} GiB + KV cache {kv_bytes / GIB:.3f} GiB = {live / GIB:.3f} GiB")
+    read_note = " (the slots read)" if read < args.context else ""
+    print(f"per chip: weights {weight_bytes / GIB:.3f} GiB + KV cache {kv_bytes / GIB:.3f} GiB{read_note} = "
+          f"{live / GIB:.3f} GiB")
     print(f"per chip per step: XLA bytes accessed {accessed / GIB:.3f} GiB = {ratio:.3f} x (weights + KV cache) "
           f"[least possible {floor / GIB:.3f} GiB = {floor / live:.3f} x]; as compiled with VMEM staging the count "
           f"is {staged / GIB:.3f} GiB (on-chip copies counted again)")

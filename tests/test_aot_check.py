@@ -73,3 +73,23 @@ def test_decode_on_v5e_8_reads_weights_and_cache_about_once():
     flops_ratio = float(re.search(r"all 32 layers: ([0-9.]+) x", out).group(1))
     assert ratio <= 1.3 and 0.95 <= flops_ratio <= 1.1, out
     assert "of 16 GiB HBM" in out and "'tensor': 8" in out
+
+
+def test_decode_reading_a_prefix_costs_what_a_cache_of_that_length_costs():
+    """--read-len (continuous batching's rows of a shorter bucket in slots sized for a longer one):
+    compiled for a v5e-8, a step over 512 slots reading 256 accesses what a 256-slot cache's step
+    accesses (the same ratio to the same weights + KV bytes); reading all 512 is another program."""
+    pytest.importorskip("libtpu")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def bytes_ratio(*args: str) -> float:
+        result = subprocess.run([sys.executable, AOT_CHECK, "--mode", "decode", "--config", "tiny_synthetic",
+                                 "--topology", "v5e:2x4", "--batch", "64", "--max-ratio", "100", *args,
+                                 "--set", "mesh.fsdp=1", "--set", "mesh.tensor=1", "--set", "mesh.data=8"],
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+        return float(re.search(r"= ([0-9.]+) x \(weights \+ KV cache\)", result.stdout).group(1))
+
+    prefix = bytes_ratio("--context", "512", "--read-len", "256")
+    assert prefix == bytes_ratio("--context", "256")
+    assert prefix != bytes_ratio("--context", "512")

@@ -63,9 +63,11 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
                    jnp.pad(cache.segment_ids, ((0, 0), (0, extra))), cache.index)
 
 
-def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array, limit: int | None = None) -> jax.Array:
     """buffer [B, KV, S, D] with new [B, KV, T, D] written from slot `index`, in place: one slot
     for every row (index []) or each row's own (index [B]: a per-row update, i.e. a scatter).
+    `limit`: every write lies below this slot (the prefix attention reads), so a write that
+    touches whole slots touches only that prefix.
 
     On XLA:CPU 16-bit floats are written through their uint16 bits: it otherwise widens a
     bfloat16 dynamic-update-slice to float32, converting the whole cache there and back. Only
@@ -82,8 +84,9 @@ def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Arra
 
     def through_bits(buffer, new, index):
         if index.ndim == 1 and new.shape[2] == 1:
-            hit = jnp.arange(buffer.shape[2], dtype=index.dtype)[None, :] == index[:, None]
-            return jnp.where(hit[:, None, :, None], new, buffer)
+            prefix = buffer[:, :, :limit]
+            hit = jnp.arange(prefix.shape[2], dtype=index.dtype)[None, :] == index[:, None]
+            return jax.lax.dynamic_update_slice(buffer, jnp.where(hit[:, None, :, None], new, prefix), (0, 0, 0, 0))
         bits = update(jax.lax.bitcast_convert_type(buffer, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16),
                       index)
         return jax.lax.bitcast_convert_type(bits, buffer.dtype)

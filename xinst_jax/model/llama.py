@@ -168,7 +168,8 @@ def _add_lora(module: nnx.Module, name: str, n_in: int, axes: tuple, cfg: ModelC
 
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE; with a cache, the new keys and values are written at the
-    cache's index and attention reads the whole cache."""
+    cache's index and attention reads the cache's slots the mask spans (all, or hidden's
+    `read_len` first ones)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         E, H, KV, D = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -189,9 +190,11 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]: the cache's layout
         if kv is not None:
-            k = constrain(write_slots(kv[0], k, index), CACHE_AXES)
-            v = constrain(write_slots(kv[1], v, index), CACHE_AXES)
+            read = mask.shape[-1]  # the mask spans the slots attention reads: a prefix of the cache
+            k = constrain(write_slots(kv[0], k, index, read), CACHE_AXES)
+            v = constrain(write_slots(kv[1], v, index, read), CACHE_AXES)
             kv = (k, v)
+            k, v = k[:, :, :read], v[:, :, :read]
         out = attend(q, k, v, mask)
         return constrain(_projection(self, "wo", "bthd,hde->bte", out), BTE), kv
 
@@ -285,13 +288,16 @@ class LlamaForCausalLM(nnx.Module):
         logits = self.logits(h)
         return logits if cache is None else (logits, cache)
 
-    def hidden(self, tokens, positions, segment_ids, cache: KVCache | None = None):
+    def hidden(self, tokens, positions, segment_ids, cache: KVCache | None = None, read_len: int | None = None):
         """The last layer's hidden states [B, T, embed] (before the final norm) and the cache.
 
         Without a cache: packed rows, each token attending to earlier tokens of its segment.
         With one: the tokens go to slots index .. index+T-1 (their segment ids too), and attend to
         every earlier slot of their segment, the new ones included; the cache's index advances.
-        A cache whose index is [B] holds each row's own write slot (rows at different steps)."""
+        A cache whose index is [B] holds each row's own write slot (rows at different steps).
+        `read_len`: the caller's promise that every slot written or attended to lies below it;
+        attention then reads only that prefix of a longer cache, which stays in place (continuous
+        batching: slots sized for the longest prompt bucket, rows of a shorter one running)."""
         cfg = self.cfg
         h = constrain(jnp.take(self.embed.embedding[...], tokens, axis=0).astype(DTYPES[cfg.dtype]), BTE)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg))
@@ -314,8 +320,9 @@ class LlamaForCausalLM(nnx.Module):
                 cache.segment_ids, segment_ids.astype(jnp.int32), index)
             q_slot = q_index + index[:, None]
         segments = constrain(segments, CACHE_SEGMENT_AXES)
-        kv_index = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32), (b, cache.length))
-        mask = segment_causal_mask(segment_ids, segments, q_slot, kv_index)  # once, not per layer
+        read = cache.length if read_len is None else min(read_len, cache.length)
+        kv_index = jnp.broadcast_to(jnp.arange(read, dtype=jnp.int32), (b, read))
+        mask = segment_causal_mask(segment_ids, segments[:, :read], q_slot, kv_index)  # once, not per layer
         h, (k, v) = self._run_layers(h, cos, sin, mask, (cache.k, cache.v), index)
         return h, KVCache(k, v, segments, index + t)
 
