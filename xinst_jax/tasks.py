@@ -67,6 +67,13 @@ class Task:
     def from_generate_config(cls, gen: GenerateConfig, tokenizer) -> "Task":
         return cls(gen.template, tokenizer, gen.join)
 
+    @classmethod
+    def for_answers(cls, data: DataConfig, gen: GenerateConfig, tokenizer) -> "Task":
+        """The Task a fine-tuned model is asked to answer with (serve's chat route, eval): `sft`,
+        or `sft_assistant` when it was trained with data.sft_assistant_style or generate.template
+        names that template."""
+        return cls(template_name("sft", data.sft_assistant_style or gen.template == "sft_assistant"), tokenizer)
+
     # ---- what the task is
 
     @property

@@ -477,8 +477,7 @@ def run_eval(cfg: Config) -> dict:
     ppl_docs, ppl_read = read_perplexity_docs(cfg) if ev.perplexity else ([], {})
 
     tokenizer = load_tokenizer(gen.tokenizer, key="generate.tokenizer")
-    template = "sft_assistant" if (cfg.data.sft_assistant_style or gen.template == "sft_assistant") else "sft"
-    task = Task(template, tokenizer)
+    task = Task.for_answers(cfg.data, gen, tokenizer)
     setup_runtime(cfg.distributed)
     process, count = jax.process_index(), jax.process_count()
     out.mkdir(parents=True, exist_ok=True)
@@ -487,7 +486,7 @@ def run_eval(cfg: Config) -> dict:
     settings = sampling_settings(cfg, model, tokenizer)
     engine = build_engine(cfg, model, params)
     del params
-    results: dict[str, Any] = {"model": source, "template": template, "languages": langs,
+    results: dict[str, Any] = {"model": source, "template": task.name, "languages": langs,
                                "tokenizer": gen.tokenizer, "seconds": {}}
 
     # ---- answers

@@ -99,14 +99,6 @@ class Service:
                                    no_repeat_ngram=0, seed=(seed or 0) % (1 << 31),
                                    max_new_tokens=self.cfg.serve.max_tokens_limit)
 
-    def chat_task(self) -> Task:
-        """The Task chat requests are prompted with: `sft` in the style the model was trained with
-        (data.sft_assistant_style, or generate.template naming sft_assistant, as eval reads it)."""
-        from xinst_jax.data.templates import template_name
-
-        style = self.cfg.data.sft_assistant_style or self.cfg.generate.template == "sft_assistant"
-        return Task(template_name("sft", style), self.tokenizer)
-
     def text_tokens(self, text: str) -> list[int]:
         """What a text prompt feeds the model: the raw Task, as `generate` and `prepare` prompt it."""
         return Task("raw", self.tokenizer).prompt_tokens({"prompt": text}) if text else []
@@ -186,12 +178,12 @@ def last_user_message(body: dict) -> str:
 
 def chat_prompt_tokens(service: Service, body: dict) -> list[int]:
     """A chat request's prompt: token for token the prompt the chat Task's training examples
-    start with (`Service.chat_task`), or, when the request names no `language`, that template
+    start with (`Task.for_answers`, as eval's), or, when the request names no `language`, that template
     without the language (templates.prompt_without_language), tokenized the same way."""
     from xinst_jax.data.templates import LANGUAGE_NAMES, prompt_without_language
 
     instruction = last_user_message(body)
-    task = service.chat_task()
+    task = Task.for_answers(service.cfg.data, service.cfg.generate, service.tokenizer)
     lang = body.get("language")
     if lang is None:
         return service.text_tokens(prompt_without_language(task.name, instruction))
