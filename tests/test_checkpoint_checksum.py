@@ -120,6 +120,37 @@ def test_digests_ignore_the_mesh_and_see_every_bit():
     assert state_digests({"f32": swapped})["f32"]["digest"] != on_host["f32"]["digest"]
 
 
+def _reference_digest(x: np.ndarray) -> str:
+    """checkpoint.py's documented digest, in numpy: per 32-bit word w at row-major position i,
+    k = fmix32(i * golden + seed), v = fmix32(w ^ k); (sum v, sum v * (k | 1)) mod 2^32."""
+    def fmix32(h):
+        h = h ^ (h >> 16)
+        h = h * np.uint64(0x85EBCA6B) & np.uint64(0xFFFFFFFF)
+        h = h ^ (h >> 13)
+        h = h * np.uint64(0xC2B2AE35) & np.uint64(0xFFFFFFFF)
+        return h ^ (h >> 16)
+
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+    words = np.ascontiguousarray(x).reshape(-1).view(unsigned).astype(np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    key = fmix32((np.arange(words.size, dtype=np.uint64) * np.uint64(0x9E3779B9) + np.uint64(0x2545F491)) & mask)
+    mixed = fmix32(words ^ key)
+    first, second = int(mixed.sum()) % 2**32, int((mixed * (key | np.uint64(1)) & mask).sum()) % 2**32
+    return f"{first:08x}{second:08x}"
+
+
+def test_digests_are_the_documented_formula():
+    """The digests saved with every checkpoint are the algorithm DIGEST_ALGORITHM names, whatever
+    the computation's shape (one fused reduction now): a checkpoint saved earlier still verifies."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((33, 17)).astype(np.float32)
+    tree = {"f32": x, "bf16": np.asarray(x.astype(jnp.bfloat16)), "i32": rng.integers(-9, 9, (5, 2, 3)).astype(np.int32),
+            "u8": rng.integers(0, 255, (11,)).astype(np.uint8), "scalar": np.float32(-2.5)}
+    digests = state_digests(tree)
+    for name, value in tree.items():
+        assert digests[name]["digest"] == _reference_digest(np.asarray(value)), name
+
+
 def test_flipped_byte_in_array_data_moves_the_step_aside_and_resumes(base, tmp_path, caplog):
     cfg = copy_of(base, tmp_path)
     victim = largest_array_data_file(ckpt_dir(cfg) / "4")

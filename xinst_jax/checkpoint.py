@@ -71,8 +71,8 @@ class UnreadableCheckpoint(ConfigError):
 # so a change to any one word always changes the first sum; several changes cancel in both sums
 # with probability about 2^-64. Sums are order-free: any sharding or reduction order gives the
 # same digest. Not a cryptographic hash: it guards against storage faults, not against tampering.
-# The cost is a few integer ops per element: negligible on TPU/GPU, ~6 ns per element on a small
-# CPU (hence dispatched, not awaited, at save).
+# The cost is a few integer ops per element in one pass: memory-bound on TPU/GPU, ~0.3 ns per
+# element on a 2-core CPU (dispatched, not awaited, at save).
 
 _U32 = jnp.uint32
 
@@ -115,7 +115,11 @@ def _digest(x: jax.Array) -> jax.Array:
     words = _words(x)
     key = _fmix32(_positions(words.shape) * _U32(0x9E3779B9) + _U32(0x2545F491))
     mixed = _fmix32(words ^ key)
-    return jnp.stack([jnp.sum(mixed, dtype=_U32), jnp.sum(mixed * (key | 1), dtype=_U32)])
+    # One variadic reduction: both sums in one pass over the array (two jnp.sums materialise the
+    # mixed words and read them twice: 7x slower on XLA:CPU).
+    sums = lax.reduce((mixed, mixed * (key | 1)), (_U32(0), _U32(0)),
+                      lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(words.ndim)))
+    return jnp.stack(sums)
 
 
 @functools.lru_cache(maxsize=8)
