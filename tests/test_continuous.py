@@ -126,7 +126,8 @@ def test_compilation_is_bounded(setup):
 
 def test_sharded_equals_single_device(setup):
     """8 fake devices: rows over data and fsdp, weights and the slots' KV cache over tensor. The
-    continuous schedule's outputs equal the single-device static ones."""
+    continuous schedule's outputs equal the single-device static ones, and streamed (progress)
+    its reads of each chunk's new tokens off the sharded history join to them."""
     assert jax.device_count() == 8
     cfg, params, prompts, limits, engine = setup
     mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2)
@@ -136,8 +137,12 @@ def test_sharded_equals_single_device(setup):
     assert len(long) > 8  # more prompts than slots
     rows, row_limits = [prompts[i] for i in long], [limits[i] for i in long]
     want = engine.generate(rows, PAPER, max_new_tokens=row_limits, schedule="static")
-    got = sharded.generate(rows, PAPER, max_new_tokens=row_limits, schedule="continuous")
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(rows))}
+    got = sharded.generate(rows, PAPER, max_new_tokens=row_limits, schedule="continuous", chunk_steps=3,
+                           progress=lambda i, new, finish: streamed[i].extend(new))
     assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+    assert [streamed[i] for i in range(len(rows))] == want.tokens
+    assert 4 in {k[-1] for k in sharded.trace_counts if k[0] == "read_tokens"}  # a chunk's window per row
     layer = sharded.params["layers"][0]
     assert tuple(layer["attn"]["wk"].sharding.spec)[1] == "tensor"  # tensor parallel over KV heads
     state = sharded._init_slots(rows=8, length=8, width=8)
