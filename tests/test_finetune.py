@@ -57,7 +57,9 @@ def test_sft_xinst_runs_on_cpu_with_tiny_overrides(base_model, tmp_path):
                  "model.dtype=float32", "model.remat=none", f"train.init_from={root / 'hf'}",
                  f"data.tokenizer={root / 'hf'}", f"data.inputs=[{{path: {pairs}}}]", "data.num_shards=2",
                  "data.shuffle_buffer=64", "train.steps=4", "train.batch_size=4", "train.seq_len=128",
-                 "train.warmup_steps=1", "train.learning_rate=1e-3", "checkpoint.every=2"]
+                 "train.warmup_steps=1", "train.learning_rate=1e-3", "checkpoint.every=2",
+                 # held-out loss through the tf.data path (the prepared shards stand in for held-out ones)
+                 "train.eval_every=2", "train.eval_batches=2", f"data.eval_prepared_dir={run_dir / 'data'}"]
     args = ["--config", "sft_xinst"] + [a for o in overrides for a in ("--set", o)]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,6 +71,8 @@ def test_sft_xinst_runs_on_cpu_with_tiny_overrides(base_model, tmp_path):
     assert all(np.isfinite(m["loss"]) for m in metrics)
     # Mixed-language packed rows: several segments per row on average.
     assert all(m["real_tokens"] > 0 for m in metrics)
+    evals = [(m["step"], m["eval_loss"], m["eval_tokens"]) for m in metrics if "eval_loss" in m]
+    assert [step for step, _, _ in evals] == [2, 4] and all(np.isfinite(x) and n > 0 for _, x, n in evals)
 
     # Training started from the imported weights, not a random init: after 4 Adam steps of lr 1e-3
     # every weight is within a few 1e-3 of the base (two independent inits differ by ~0.1), yet the

@@ -183,3 +183,50 @@ print(sorted({{m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("tens
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
     assert (tmp_path / "hf" / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
+
+
+def test_held_out_loss_every_n_steps_is_the_mean_token_loss_of_fixed_batches(tmp_path):
+    """train.eval_every=2 over 5 steps: eval_loss at steps 2, 4 and the last (5), in the step's
+    record of metrics.jsonl; at the last step it is the token-weighted mean cross-entropy of the
+    final params over the same held-out batches (in the train step's 2 micro-batches), recomputed
+    here with a plain forward of whole batches. The batches (synthetic, another seed) are not the
+    training batches."""
+    import jax
+    import numpy as np
+
+    from xinst_jax.model.llama import forward
+    from xinst_jax.train.program import build_train_program
+
+    cfg = load_config("tiny_synthetic", [f"run_dir={tmp_path}", "train.steps=5", "train.batch_size=2",
+                                         "train.seq_len=32", "mesh.num_devices=1", "train.export_at_end=false",
+                                         "train.eval_every=2", "train.eval_batches=3", "checkpoint.every=100",
+                                         "train.grad_accum=2"])
+    result = loop.run_training(cfg)
+    assert [h["step"] for h in result.history if "eval_loss" in h] == [2, 4, 5]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval_loss" in r] == [2, 4, 5] and all("loss" in r for r in lines)
+
+    program = build_train_program(cfg)
+    batches = jax.device_get(loop.eval_batches(cfg, program))
+    first_train = next(iter(loop.make_source(cfg, program.host_rows)))
+    assert not np.array_equal(batches[0]["inputs"], first_train["inputs"])
+    loss = tokens = 0.0
+    for b in batches:
+        logits = np.asarray(forward(result.state["params"], b["inputs"], b["positions"], b["segment_ids"],
+                                    cfg.model), np.float64)
+        log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        picked = np.take_along_axis(log_p, b["targets"][..., None], -1)[..., 0]
+        loss -= float((picked * b["loss_weights"]).sum())
+        tokens += float(b["loss_weights"].sum())
+    last = result.history[-1]
+    assert last["eval_tokens"] == tokens > 0
+    np.testing.assert_allclose(last["eval_loss"], loss / tokens, rtol=1e-5)
+    assert abs(last["eval_loss"] - result.history[1]["eval_loss"]) > 1e-4  # it follows the params
+
+
+def test_held_out_loss_needs_held_out_data():
+    with pytest.raises(ConfigError, match=r"train.eval_every=5 needs data.eval_prepared_dir"):
+        load_config("tiny_synthetic", ["data.source=tfrecord", "train.eval_every=5"])
+    with pytest.raises(ConfigError, match=r"train.eval_batches >= 1"):
+        load_config("tiny_synthetic", ["train.eval_every=5", "train.eval_batches=0"])

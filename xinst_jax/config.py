@@ -252,6 +252,11 @@ class TrainConfig:
     init_from: str = ""  # a Hugging Face Llama directory to start from (else random init)
     export_at_end: bool = False  # write <run_dir>/hf after the last step
     profile_steps: int = 0  # >0: trace this many steps after the first log into <run_dir>/profile
+    # Held-out loss every N steps (0: never) and after the last, over the same eval_batches global
+    # batches each time: data.eval_prepared_dir (a second prepare run over held-out inputs), or
+    # with synthetic data a stream of another seed. Logged as eval_loss in metrics.jsonl/TensorBoard.
+    eval_every: int = 0
+    eval_batches: int = 8
 
 
 @dataclass
@@ -297,6 +302,7 @@ class DataConfig:
     template: Literal[TEMPLATES] = "sft"  # xinst_jax/tasks.py; sft + sft_assistant_style is sft_assistant
     tokenizer: str = ""  # SentencePiece .model, HF tokenizer.json, or a directory holding one
     prepared_dir: str = ""  # empty: <run_dir>/data
+    eval_prepared_dir: str = ""  # prepared held-out shards for train.eval_every (a prepare run of their own)
     num_shards: int = 8
     num_workers: int = 0  # 0: one per core
     languages: list[str] = field(default_factory=lambda: list(LANGUAGES) + ["en"])
@@ -756,6 +762,12 @@ def validate(cfg: Config, origin: Mapping[str, str] | None = None) -> None:
         where = origin.get("model.max_seq_len", "the schema default")
         raise ConfigError(f"{src('train.seq_len')}: train.seq_len={train.seq_len} is above model.max_seq_len="
                           f"{model.max_seq_len} ({where}); shorten the rows or raise model.max_seq_len")
+    if train.eval_every < 0 or (train.eval_every and train.eval_batches < 1):
+        raise ConfigError(f"{src('train.eval_every')}: train.eval_every must be >= 0 (0: no held-out loss) and "
+                          f"train.eval_batches >= 1, got {train.eval_every} and {train.eval_batches}")
+    if train.eval_every and cfg.data.source == "tfrecord" and not cfg.data.eval_prepared_dir:
+        raise ConfigError(f"{src('train.eval_every')}: train.eval_every={train.eval_every} needs "
+                          "data.eval_prepared_dir (held-out data prepared by a prepare run of its own)")
     for key in ("checkpoint.every", "checkpoint.preemption_sync_every"):
         value = getattr(cfg.checkpoint, key.split(".")[1])
         if value < 1:

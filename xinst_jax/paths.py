@@ -336,8 +336,8 @@ def check_dir(key: str, value: str) -> str:
 
 
 # Config keys that name files or directories: each takes a local path or a URL.
-PATH_KEYS = ("train.init_from", "data.tokenizer", "data.prepared_dir", "checkpoint.dir", "export.out",
-             "export.checkpoint", "export.hf_source", "export.tokenizer_dir", "generate.input", "generate.output",
+PATH_KEYS = ("train.init_from", "data.tokenizer", "data.prepared_dir", "data.eval_prepared_dir", "checkpoint.dir",
+             "export.out", "export.checkpoint", "export.hf_source", "export.tokenizer_dir", "generate.input", "generate.output",
              "generate.checkpoint", "generate.hf_dir", "generate.tokenizer", "curate.out", "curate.candidates",
              "curate.evaluator_checkpoint", "curate.evaluator_hf_dir", "curate.diversify.input",
              "curate.diversify.embedder_dir", "eval.out", "eval.prompts", "eval.reference", "eval.xcopa",

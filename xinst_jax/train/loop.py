@@ -1,11 +1,12 @@
 """The training loop: a `Trainer` that runs the jitted step over batches, and hooks that run
-every N steps (as Levanter's `Trainer.add_hook`): metrics, checkpoints, preemption, profiling,
-Hugging Face export. `run_training` wires them for a config.
+every N steps (as Levanter's `Trainer.add_hook`): metrics, held-out loss, checkpoints,
+preemption, profiling, Hugging Face export. `run_training` wires them for a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from xinst_jax import paths
 from xinst_jax.checkpoint import Checkpointer
 from xinst_jax.config import (Config, ConfigError, architecture_is_default, check_same_architecture, to_dict,
                               validate)
-from xinst_jax.data.batch import BatchSource
+from xinst_jax.data.batch import BatchSource, empty_rows
 from xinst_jax.jobs import register_job
 from xinst_jax.model.llama import count_params
 from xinst_jax.runtime import setup_runtime
@@ -140,6 +141,38 @@ class CheckFinite:
             good = f"last good checkpoint is step {saved}" if saved is not None else "no checkpoint yet"
             raise TrainingDiverged(f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {info.step}; "
                                    f"{good} in {self.checkpoints.checkpointer.directory}")
+
+
+class EvalLoss:
+    """The held-out loss: the token-weighted mean cross-entropy of the current params over the same
+    global batches every time (kept on the devices), added to the step's metrics as `eval_loss`
+    and `eval_tokens` before LogMetrics logs them. Every batch is dispatched before any result is
+    fetched; the sums are divided once, as the train step normalises its loss."""
+
+    def __init__(self, eval_fn: Callable, batches: list[dict]):
+        self.eval_fn, self.batches = eval_fn, batches
+
+    def __call__(self, info: StepInfo) -> None:
+        sums = jax.device_get([self.eval_fn(info.state["params"], batch) for batch in self.batches])
+        loss, tokens = (float(sum(x)) for x in zip(*sums))
+        info.metrics["eval_loss"] = loss / max(tokens, 1.0)
+        info.metrics["eval_tokens"] = tokens
+
+
+def eval_batches(cfg: Config, program: TrainProgram) -> list[dict]:
+    """train.eval_batches global batches of held-out data, placed like the train batches: the first
+    of data.eval_prepared_dir read once (one epoch), or of a synthetic stream of another seed. A
+    host whose share runs out pads with empty rows (no loss tokens), so that every host places the
+    same number of batches (each placement is a collective)."""
+    data = dataclasses.replace(cfg.data, prepared_dir=cfg.data.eval_prepared_dir, num_epochs=1, mix_log_every=0)
+    source = make_source(dataclasses.replace(cfg, data=data, seed=cfg.seed + 1), program.host_rows)
+    host = list(itertools.islice(source, cfg.train.eval_batches))
+    if not host and jax.process_count() == 1:
+        raise ConfigError(f"data.eval_prepared_dir: {cfg.data.eval_prepared_dir} holds no examples")
+    empty = empty_rows(program.host_rows, cfg.train.seq_len)
+    host += [empty] * (cfg.train.eval_batches - len(host))
+    return [{k: jax.make_array_from_process_local_data(program.batch_sharding, v) for k, v in b.items()}
+            for b in host]
 
 
 class LogMetrics:
@@ -347,6 +380,9 @@ def run_training(cfg: Config, source: BatchSource | None = None, stop_after: int
         save = SaveCheckpoint(checkpointer, source, to_dict(cfg), saved_at=start if restored else None)
         watcher = PreemptionWatcher(trainer, cfg.checkpoint.preemption_sync_every, cfg.checkpoint.every)
         trainer.add_hook(CheckFinite(save))  # first: no other hook sees a diverged step
+        if cfg.train.eval_every > 0:  # before the metrics: its figures join the step's record
+            trainer.add_hook(EvalLoss(program.eval_fn, eval_batches(cfg, program)), cfg.train.eval_every,
+                             needs_state=True, at_end=True)
         trainer.add_hook(metrics)
         trainer.add_hook(watcher)  # before the save, so that a stop makes this step's save the last
         trainer.add_hook(save, cfg.checkpoint.every, needs_state=True, at_end=True)

@@ -18,7 +18,7 @@ from xinst_jax.model.llama import init_params, join_trainable, logical_axes, par
 from xinst_jax.sharding import (activation_sharding, batch_sharding, make_mesh, parse_rules, replicated,
                                 state_shardings_like_params, tree_shardings)
 from xinst_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from xinst_jax.train.step import init_state, make_train_step
+from xinst_jax.train.step import eval_sums, init_state, make_train_step
 
 
 def validate_batch(cfg: Config, data_parallel: int) -> int:
@@ -47,6 +47,7 @@ class TrainProgram:
     batch_sharding: Any
     step_fn: Any
     host_rows: int
+    eval_fn: Any  # (params, batch) -> (sum of token losses, loss tokens), replicated
 
 
 def build_train_program(cfg: Config, devices: list | None = None) -> TrainProgram:
@@ -68,8 +69,13 @@ def build_train_program(cfg: Config, devices: list | None = None) -> TrainProgra
 
     step_fn = jax.jit(sharded_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
                       donate_argnums=0)
+    def sharded_eval(params, batch):
+        with activation_sharding(mesh, rules):
+            return eval_sums(params, batch, cfg.model, cfg.train)
+
+    eval_fn = jax.jit(sharded_eval, in_shardings=(param_sh, batch_sh), out_shardings=replicated(mesh))
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
-    return TrainProgram(mesh, optimizer, target, state_sh, batch_sh, step_fn, rows)
+    return TrainProgram(mesh, optimizer, target, state_sh, batch_sh, step_fn, rows, eval_fn)
 
 
 def load_pretrained(cfg: Config, rng: jax.Array, optimizer, state_sh: dict) -> dict:

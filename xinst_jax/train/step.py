@@ -42,6 +42,35 @@ def _micro_sums(trainable, frozen, batch: Batch, model_cfg: ModelConfig, z_loss:
     return loss, sums
 
 
+def _micro_batches(batch: Batch, accum: int) -> Batch:
+    """[accum, B / accum, T] arrays: micro-batch i takes rows i, i+accum, ...: each data shard holds
+    contiguous rows, so every shard contributes equally to every micro-batch and a scan over them
+    needs no resharding."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _zero_sums() -> StepSums:
+    return StepSums(*([jnp.zeros((), jnp.float32)] * 4))
+
+
+def eval_sums(params, batch: Batch, model_cfg: ModelConfig,
+              train_cfg: TrainConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of weighted cross-entropy, loss tokens) of a batch: the held-out loss's parts, summed
+    over batches before the one division (as the train step normalises); no z-loss. In the train
+    step's `grad_accum` micro-batches: a batch whose activations need them to fit does here too."""
+    trainable, frozen = split_trainable(params, model_cfg)
+
+    def sums_of(mb: Batch) -> StepSums:
+        return _micro_sums(trainable, frozen, mb, model_cfg, 0.0)[1]
+
+    if train_cfg.grad_accum == 1:
+        sums = sums_of(batch)
+    else:
+        sums, _ = jax.lax.scan(lambda acc, mb: (jax.tree.map(jnp.add, acc, sums_of(mb)), None), _zero_sums(),
+                               _micro_batches(batch, train_cfg.grad_accum))
+    return sums.loss, sums.weight
+
+
 def loss_and_grads(params, batch: Batch, model_cfg: ModelConfig, train_cfg: TrainConfig):
     """Gradient of (sum of token losses / loss tokens in the global batch) with respect to the
     trainable params, with the batch split into `grad_accum` micro-batches scanned in sequence.
@@ -52,9 +81,7 @@ def loss_and_grads(params, batch: Batch, model_cfg: ModelConfig, train_cfg: Trai
     if accum == 1:
         (_, sums), grads = grad_fn(params, frozen, batch, model_cfg, train_cfg.z_loss)
     else:
-        # Micro-batch i takes rows i, i+accum, ...: each data shard holds contiguous rows, so
-        # every shard contributes equally to every micro-batch and the scan needs no resharding.
-        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        micro = _micro_batches(batch, accum)
 
         def body(carry, mb):
             grads_acc, sums_acc = carry
@@ -62,8 +89,7 @@ def loss_and_grads(params, batch: Batch, model_cfg: ModelConfig, train_cfg: Trai
             return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        zero_sums = StepSums(*([jnp.zeros((), jnp.float32)] * 4))
-        (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), micro)
+        (grads, sums), _ = jax.lax.scan(body, (zeros, _zero_sums()), micro)
     denom = jnp.maximum(sums.weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     return sums, grads
