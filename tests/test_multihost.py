@@ -62,7 +62,8 @@ def command(run_dir: Path, steps: int, **extra) -> list[str]:
     # train.steps to continue a run does not change the schedule of the steps already taken.
     sets = {"run_dir": str(run_dir), "train.steps": steps, "train.schedule": "constant",
             "checkpoint.every": 1000, "checkpoint.async_save": "true",
-            "train.export_at_end": "false", "train.batch_size": 8, "train.seq_len": 64, **extra}
+            "train.export_at_end": "false", "train.batch_size": 8, "train.seq_len": 64,
+            "train.eval_every": 3, "train.eval_batches": 2, **extra}
     cmd = [sys.executable, str(REPO / "launch" / "tpu_run.py"), "--config", "tiny_synthetic"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -150,7 +151,8 @@ def compare_losses(multi: list[dict], single: list[dict], steps: list[int]) -> f
     assert [r["step"] for r in single] == steps, [r["step"] for r in single]
     worst = 0.0
     for m, s in zip(multi, single):
-        for key in ("loss", "grad_norm"):
+        assert ("eval_loss" in m) == ("eval_loss" in s) == (m["step"] % 3 == 0 or m["step"] == steps[-1])
+        for key in ("loss", "grad_norm") + (("eval_loss",) if "eval_loss" in m else ()):
             rel = abs(m[key] - s[key]) / abs(s[key])
             worst = max(worst, rel)
             assert math.isclose(m[key], s[key], rel_tol=RTOL), (
