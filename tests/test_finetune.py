@@ -53,13 +53,15 @@ def base_model(tmp_path_factory):
 def test_sft_xinst_runs_on_cpu_with_tiny_overrides(base_model, tmp_path):
     root, pairs, tokenizer, base_params = base_model
     run_dir = tmp_path / "run"
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(pairs.read_text().splitlines(keepends=True)[:40]))
     overrides = [f"run_dir={run_dir}", "model.preset=tiny", f"model.vocab_size={tokenizer.vocab_size}",
                  "model.dtype=float32", "model.remat=none", f"train.init_from={root / 'hf'}",
                  f"data.tokenizer={root / 'hf'}", f"data.inputs=[{{path: {pairs}}}]", "data.num_shards=2",
                  "data.shuffle_buffer=64", "train.steps=4", "train.batch_size=4", "train.seq_len=128",
                  "train.warmup_steps=1", "train.learning_rate=1e-3", "checkpoint.every=2",
-                 # held-out loss through the tf.data path (the prepared shards stand in for held-out ones)
-                 "train.eval_every=2", "train.eval_batches=2", f"data.eval_prepared_dir={run_dir / 'data'}"]
+                 # held-out loss through the tf.data path, on held-out inputs the job prepares itself
+                 "train.eval_every=2", "train.eval_batches=2", f"data.eval_inputs=[{{path: {heldout}}}]"]
     args = ["--config", "sft_xinst"] + [a for o in overrides for a in ("--set", o)]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,6 +75,8 @@ def test_sft_xinst_runs_on_cpu_with_tiny_overrides(base_model, tmp_path):
     assert all(m["real_tokens"] > 0 for m in metrics)
     evals = [(m["step"], m["eval_loss"], m["eval_tokens"]) for m in metrics if "eval_loss" in m]
     assert [step for step, _, _ in evals] == [2, 4] and all(np.isfinite(x) and n > 0 for _, x, n in evals)
+    held = json.loads((run_dir / "eval_data" / "manifest.json").read_text())
+    assert held["num_examples"] == 40 < manifest["num_examples"]  # prepared apart from the training shards
 
     # Training started from the imported weights, not a random init: after 4 Adam steps of lr 1e-3
     # every weight is within a few 1e-3 of the base (two independent inits differ by ~0.1), yet the

@@ -226,7 +226,8 @@ def test_held_out_loss_every_n_steps_is_the_mean_token_loss_of_fixed_batches(tmp
 
 
 def test_held_out_loss_needs_held_out_data():
-    with pytest.raises(ConfigError, match=r"train.eval_every=5 needs data.eval_prepared_dir"):
+    with pytest.raises(ConfigError, match=r"train.eval_every=5 needs held-out data: data.eval_inputs .* or "
+                                          r"data.eval_prepared_dir"):
         load_config("tiny_synthetic", ["data.source=tfrecord", "train.eval_every=5"])
     with pytest.raises(ConfigError, match=r"train.eval_batches >= 1"):
         load_config("tiny_synthetic", ["train.eval_every=5", "train.eval_batches=0"])

@@ -253,8 +253,8 @@ class TrainConfig:
     export_at_end: bool = False  # write <run_dir>/hf after the last step
     profile_steps: int = 0  # >0: trace this many steps after the first log into <run_dir>/profile
     # Held-out loss every N steps (0: never) and after the last, over the same eval_batches global
-    # batches each time: data.eval_prepared_dir (a second prepare run over held-out inputs), or
-    # with synthetic data a stream of another seed. Logged as eval_loss in metrics.jsonl/TensorBoard.
+    # batches each time: data.eval_inputs / data.eval_prepared_dir, or with synthetic data a stream
+    # of another seed. Logged as eval_loss in metrics.jsonl / TensorBoard.
     eval_every: int = 0
     eval_batches: int = 8
 
@@ -302,7 +302,11 @@ class DataConfig:
     template: Literal[TEMPLATES] = "sft"  # xinst_jax/tasks.py; sft + sft_assistant_style is sft_assistant
     tokenizer: str = ""  # SentencePiece .model, HF tokenizer.json, or a directory holding one
     prepared_dir: str = ""  # empty: <run_dir>/data
-    eval_prepared_dir: str = ""  # prepared held-out shards for train.eval_every (a prepare run of their own)
+    # Held-out data for train.eval_every: eval_inputs (records like inputs, never trained on) are
+    # prepared by the finetune job into eval_prepared_dir (empty: <run_dir>/eval_data), or
+    # eval_prepared_dir names shards a prepare run made.
+    eval_inputs: list[DataInputConfig] = field(default_factory=list)
+    eval_prepared_dir: str = ""
     num_shards: int = 8
     num_workers: int = 0  # 0: one per core
     languages: list[str] = field(default_factory=lambda: list(LANGUAGES) + ["en"])
@@ -499,6 +503,13 @@ class Config:
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or os.path.join("runs", self.name or "default"))
+
+    def held_out(self) -> "Config":
+        """This config with the held-out data in data.inputs / data.prepared_dir (what prepare
+        writes and the held-out loss reads), tokenizer and template unchanged."""
+        data = dataclasses.replace(self.data, inputs=self.data.eval_inputs, prepared_dir=self.data.eval_prepared_dir
+                                   or os.path.join(str(self.resolved_run_dir()), "eval_data"))
+        return dataclasses.replace(self, data=data)
 
 
 # --------------------------------------------------------------------------- loading
@@ -765,9 +776,10 @@ def validate(cfg: Config, origin: Mapping[str, str] | None = None) -> None:
     if train.eval_every < 0 or (train.eval_every and train.eval_batches < 1):
         raise ConfigError(f"{src('train.eval_every')}: train.eval_every must be >= 0 (0: no held-out loss) and "
                           f"train.eval_batches >= 1, got {train.eval_every} and {train.eval_batches}")
-    if train.eval_every and cfg.data.source == "tfrecord" and not cfg.data.eval_prepared_dir:
-        raise ConfigError(f"{src('train.eval_every')}: train.eval_every={train.eval_every} needs "
-                          "data.eval_prepared_dir (held-out data prepared by a prepare run of its own)")
+    held_out = cfg.data.eval_inputs or cfg.data.eval_prepared_dir
+    if train.eval_every and cfg.data.source == "tfrecord" and not held_out:
+        raise ConfigError(f"{src('train.eval_every')}: train.eval_every={train.eval_every} needs held-out data: "
+                          "data.eval_inputs (the finetune job prepares them) or data.eval_prepared_dir")
     for key in ("checkpoint.every", "checkpoint.preemption_sync_every"):
         value = getattr(cfg.checkpoint, key.split(".")[1])
         if value < 1:

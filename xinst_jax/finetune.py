@@ -1,4 +1,5 @@
-"""The `finetune` job: prepare (when inputs are given) -> train -> export, as one command.
+"""The `finetune` job: prepare (when inputs are given; held-out inputs too) -> train -> export, as
+one command.
 
 This is what `sft_xinst` (the final cross-lingual model) and `revgen_xinst` (the reverse
 instruction generator) run; the template in `data.template` decides what is trained. Prepare is
@@ -49,14 +50,15 @@ def run_finetune(cfg: Config):
     from xinst_jax.train.loop import run_training
 
     check_finetune_config(cfg)
-    if cfg.data.inputs:
-        from xinst_jax.data.prepare import run_prepare
+    for what, data_cfg in (("prepare", cfg), ("prepare held-out", cfg.held_out())):
+        if data_cfg.data.inputs:
+            from xinst_jax.data.prepare import run_prepare
 
-        prepared = run_prepare(cfg)
-        langs = prepared.manifest.get("languages", {})
-        print(f"prepare: {sum(v.get('examples', 0) for v in langs.values())} examples in {len(langs)} languages "
-              f"-> {prepared.directory} ({len(prepared.written)} shards written, {len(prepared.reused)} reused)",
-              flush=True)
+            prepared = run_prepare(data_cfg)
+            langs = prepared.manifest.get("languages", {})
+            print(f"{what}: {sum(v.get('examples', 0) for v in langs.values())} examples in {len(langs)} languages "
+                  f"-> {prepared.directory} ({len(prepared.written)} shards written, {len(prepared.reused)} reused)",
+                  flush=True)
     return run_training(cfg)
 
 

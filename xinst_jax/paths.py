@@ -342,7 +342,7 @@ PATH_KEYS = ("train.init_from", "data.tokenizer", "data.prepared_dir", "data.eva
              "curate.evaluator_checkpoint", "curate.evaluator_hf_dir", "curate.diversify.input",
              "curate.diversify.embedder_dir", "eval.out", "eval.prompts", "eval.reference", "eval.xcopa",
              "eval.metrics", "eval.judge.cache", "pipeline.base_model", "pipeline.tokenizer")
-INPUT_LIST_KEYS = ("data.inputs", "curate.corpus", "curate.seed_pairs", "eval.perplexity", "pipeline.seed_pairs",
+INPUT_LIST_KEYS = ("data.inputs", "data.eval_inputs", "curate.corpus", "curate.seed_pairs", "eval.perplexity", "pipeline.seed_pairs",
                    "pipeline.corpus")
 LOCAL_ONLY_KEYS = {"run_dir": "metrics, TensorBoard events and the resolved config are written there on each "
                                "worker; put checkpoint.dir and export.out on the bucket instead"}

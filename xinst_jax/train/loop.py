@@ -161,14 +161,15 @@ class EvalLoss:
 
 def eval_batches(cfg: Config, program: TrainProgram) -> list[dict]:
     """train.eval_batches global batches of held-out data, placed like the train batches: the first
-    of data.eval_prepared_dir read once (one epoch), or of a synthetic stream of another seed. A
-    host whose share runs out pads with empty rows (no loss tokens), so that every host places the
-    same number of batches (each placement is a collective)."""
-    data = dataclasses.replace(cfg.data, prepared_dir=cfg.data.eval_prepared_dir, num_epochs=1, mix_log_every=0)
-    source = make_source(dataclasses.replace(cfg, data=data, seed=cfg.seed + 1), program.host_rows)
+    of the prepared held-out shards (Config.held_out) read once (one epoch), or of a synthetic
+    stream of another seed. A host whose share runs out pads with empty rows (no loss tokens), so
+    that every host places the same number of batches (each placement is a collective)."""
+    held_out = cfg.held_out()
+    data = dataclasses.replace(held_out.data, num_epochs=1, mix_log_every=0)
+    source = make_source(dataclasses.replace(held_out, data=data, seed=cfg.seed + 1), program.host_rows)
     host = list(itertools.islice(source, cfg.train.eval_batches))
     if not host and jax.process_count() == 1:
-        raise ConfigError(f"data.eval_prepared_dir: {cfg.data.eval_prepared_dir} holds no examples")
+        raise ConfigError(f"data.eval_prepared_dir: {data.prepared_dir} holds no examples")
     empty = empty_rows(program.host_rows, cfg.train.seq_len)
     host += [empty] * (cfg.train.eval_batches - len(host))
     return [{k: jax.make_array_from_process_local_data(program.batch_sharding, v) for k, v in b.items()}
