@@ -32,8 +32,8 @@ by XLA's cost analysis, their ratio, the step time that implies at the chip's HB
 count against the matmul formula (they agree only if every layer is counted), and the compiled
 step's memory against the chip's HBM. `--read-len N` compiles the step as continuous batching
 runs rows of a shorter prompt bucket: the cache keeps `--context` slots, attention reads (and the
-write lands in) the first N only, and the figures are against that prefix. Bytes accessed are counted on the step compiled without
-memory-space assignment: with it, operands are staged in on-chip VMEM and the TPU cost analysis
+write lands in) the first N only, and the figures are against that prefix. Bytes accessed are
+counted on the step compiled without memory-space assignment: with it, operands are staged in on-chip VMEM and the TPU cost analysis
 counts them again for the copy in and the read from VMEM, so only without it is the count the
 step's HBM traffic (both counts are printed). A ratio above `--max-ratio` fails.
 
@@ -550,8 +550,9 @@ def _per_chip_bytes(tree) -> int:
 def decode_program(cfg, devices, batch: int, context: int, weight_dtype: str, kv_dtype: str,
                    read_len: int | None = None):
     """One decode step as the Engine runs it, ready to lower: (jitted step, abstract arguments,
-    mesh, the inference model config); `read_len` as model.hidden takes it. The step maps (params, cache, tokens [B, 1], positions [B, 1]) to (logits [B, V]
-    float32, cache advanced by one slot); the cache is donated."""
+    mesh, the inference model config); `read_len` as model.hidden takes it. The step maps (params,
+    cache, tokens [B, 1], positions [B, 1]) to (logits [B, V] float32, cache advanced by one slot);
+    the cache is donated."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -648,12 +649,12 @@ def check_decode(cfg, devices: list, generation: str, args) -> int:
     flops = (2 * args.batch * (count_params(m) - m.vocab_size * m.embed_dim)
              + 4 * args.batch * read * m.num_heads * m.head_dim * m.num_layers) / chips
     xla_flops = float(cost.get("flops", 0.0))
+    reading = f" (reading {read})" if read < args.context else ""
     print(f"{cfg.name} decode step: {count_params(m) / 1e9:.2f}B params ({args.weight_dtype}), KV cache "
-          f"{args.kv_dtype}, batch {args.batch} x {args.context} slots{f' (reading {read})' if read < args.context else ''}, "
-          f"{m.num_layers} unrolled layers, on "
+          f"{args.kv_dtype}, batch {args.batch} x {args.context} slots{reading}, {m.num_layers} unrolled layers, on "
           f"{args.topology} ({chips} chips, {devices[0].device_kind}), mesh {dict(mesh.shape)}")
-    read_note = " (the slots read)" if read < args.context else ""
-    print(f"per chip: weights {weight_bytes / GIB:.3f} GiB + KV cache {kv_bytes / GIB:.3f} GiB{read_note} = "
+    print(f"per chip: weights {weight_bytes / GIB:.3f} GiB + KV cache {kv_bytes / GIB:.3f} GiB"
+          f"{' (the slots read)' if reading else ''} = "
           f"{live / GIB:.3f} GiB")
     print(f"per chip per step: XLA bytes accessed {accessed / GIB:.3f} GiB = {ratio:.3f} x (weights + KV cache) "
           f"[least possible {floor / GIB:.3f} GiB = {floor / live:.3f} x]; as compiled with VMEM staging the count "

@@ -50,10 +50,10 @@ def run_finetune(cfg: Config):
     from xinst_jax.train.loop import run_training
 
     check_finetune_config(cfg)
+    from xinst_jax.data.prepare import run_prepare  # TensorFlow: only once a job prepares
+
     for what, data_cfg in (("prepare", cfg), ("prepare held-out", cfg.held_out())):
         if data_cfg.data.inputs:
-            from xinst_jax.data.prepare import run_prepare
-
             prepared = run_prepare(data_cfg)
             langs = prepared.manifest.get("languages", {})
             print(f"{what}: {sum(v.get('examples', 0) for v in langs.values())} examples in {len(langs)} languages "

@@ -337,13 +337,13 @@ def check_dir(key: str, value: str) -> str:
 
 # Config keys that name files or directories: each takes a local path or a URL.
 PATH_KEYS = ("train.init_from", "data.tokenizer", "data.prepared_dir", "data.eval_prepared_dir", "checkpoint.dir",
-             "export.out", "export.checkpoint", "export.hf_source", "export.tokenizer_dir", "generate.input", "generate.output",
-             "generate.checkpoint", "generate.hf_dir", "generate.tokenizer", "curate.out", "curate.candidates",
+             "export.out", "export.checkpoint", "export.hf_source", "export.tokenizer_dir", "generate.input",
+             "generate.output", "generate.checkpoint", "generate.hf_dir", "generate.tokenizer", "curate.out", "curate.candidates",
              "curate.evaluator_checkpoint", "curate.evaluator_hf_dir", "curate.diversify.input",
              "curate.diversify.embedder_dir", "eval.out", "eval.prompts", "eval.reference", "eval.xcopa",
              "eval.metrics", "eval.judge.cache", "pipeline.base_model", "pipeline.tokenizer")
-INPUT_LIST_KEYS = ("data.inputs", "data.eval_inputs", "curate.corpus", "curate.seed_pairs", "eval.perplexity", "pipeline.seed_pairs",
-                   "pipeline.corpus")
+INPUT_LIST_KEYS = ("data.inputs", "data.eval_inputs", "curate.corpus", "curate.seed_pairs", "eval.perplexity",
+                   "pipeline.seed_pairs", "pipeline.corpus")
 LOCAL_ONLY_KEYS = {"run_dir": "metrics, TensorBoard events and the resolved config are written there on each "
                                "worker; put checkpoint.dir and export.out on the bucket instead"}
 _SCHEMES = ("gs", "s3", "az", "hf")

@@ -14,9 +14,9 @@ generate requests when the engine is static, run as one engine call per group. A
 refuses at once (`QueueFull`: the server answers 503), so a burst never hangs its clients.
 
 Streaming: a Work with `on_tokens` hears its rows' new tokens as the engine produces them (after
-every decode chunk), each token once. While a streamed row runs the schedule decodes `stream_chunk_steps` steps between
-returns to the host instead of the engine's `chunk_steps`: the first text goes out sooner, at a
-host round trip per chunk; the tokens are the same either way.
+every decode chunk), each token once. While a streamed row runs the schedule decodes
+`stream_chunk_steps` steps between returns to the host instead of the engine's `chunk_steps`: the
+first text goes out sooner, at a host round trip per chunk; the tokens are the same either way.
 """
 
 from __future__ import annotations

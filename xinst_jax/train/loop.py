@@ -170,10 +170,9 @@ def eval_batches(cfg: Config, program: TrainProgram) -> list[dict]:
     host = list(itertools.islice(source, cfg.train.eval_batches))
     if not host and jax.process_count() == 1:
         raise ConfigError(f"data.eval_prepared_dir: {data.prepared_dir} holds no examples")
-    empty = empty_rows(program.host_rows, cfg.train.seq_len)
-    host += [empty] * (cfg.train.eval_batches - len(host))
-    return [{k: jax.make_array_from_process_local_data(program.batch_sharding, v) for k, v in b.items()}
-            for b in host]
+    host += [empty_rows(program.host_rows, cfg.train.seq_len)] * (cfg.train.eval_batches - len(host))
+    place = device_batches(iter(host), program.batch_sharding)
+    return [place() for _ in host]
 
 
 class LogMetrics:

@@ -69,6 +69,7 @@ def build_train_program(cfg: Config, devices: list | None = None) -> TrainProgra
 
     step_fn = jax.jit(sharded_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
                       donate_argnums=0)
+
     def sharded_eval(params, batch):
         with activation_sharding(mesh, rules):
             return eval_sums(params, batch, cfg.model, cfg.train)
